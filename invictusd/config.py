@@ -1,0 +1,463 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every error names the file, the line and the key (``ConfigError``). Loading is pure: it
+reads the file (and secret files it names) but never looks at the system. Checks that need
+the system's interfaces (an interface exists, an address lies in its subnet) are in
+``check_system``, which takes a snapshot of the interfaces as plain data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from invictusd.vrrp.packet import MAX_PASSWORD
+
+IPv4 = ipaddress.IPv4Address
+IPv4If = ipaddress.IPv4Interface
+
+DEFAULT_SOCKET = "/run/invictusd/invictusd.sock"
+DEFAULT_PRIORITY = 100
+MASTER_PRIORITY = 150
+DEFAULT_SYNC_PORT = 3781
+DEFAULT_MARK_BIT = 30
+
+
+class ConfigError(ValueError):
+    def __init__(self, path: str, line: int | None, key: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {message}")
+        self.path, self.line, self.key, self.message = path, line, key, message
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    control_socket: str
+
+
+@dataclass(frozen=True, slots=True)
+class VrrpConfig:
+    interface: str
+    real_address: IPv4 | None
+    virtual_addresses: tuple[IPv4If, ...]  # "/32" until check_system fills a missing prefix
+    virtual_id: int
+    password: bytes = field(repr=False)
+    start_as_master: bool
+    priority: int
+    preempt: bool
+    advert_interval: int
+    preempt_delay: float
+    garp_repeat: int
+    garp_refresh: float
+    prefix_given: tuple[bool, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    enabled: bool
+    interface: str = ""
+    peer_address: IPv4 | None = None
+    mark_bit: int = DEFAULT_MARK_BIT
+    port: int = DEFAULT_SYNC_PORT
+    key: bytes = field(default=b"", repr=False)
+    key_source: str = ""  # "key_file", "key_credential" or "derived from the vrrp password"
+    install_mark_rule: bool = True
+    flush_ms: float = 5.0
+    resync_interval: float = 0.0  # 0 = only on start, overrun, gap or digest mismatch
+    rcvbuf_mb: int = 64
+    commit_timeout_min: int = 60
+
+    @property
+    def mark_mask(self) -> int:
+        return 1 << self.mark_bit
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    node: NodeConfig
+    vrrp: tuple[VrrpConfig, ...]
+    sync: SyncConfig
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    warnings: tuple[str, ...] = ()
+
+    def line_of(self, key: str) -> int | None:
+        return self.lines.get(key)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.path, self.lines.get(key), key, message)
+
+
+# ---- locating keys in the text -------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map "node.name", "vrrp[0].password", "vrrp[0]" ... to 1-based line numbers."""
+    lines: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    prefix = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        m = _HEADER.match(raw)
+        if m:
+            name = m.group(2)
+            if m.group(1) == "[[":
+                idx = counts.get(name, 0)
+                counts[name] = idx + 1
+                prefix = f"{name}[{idx}]"
+            else:
+                prefix = name
+            lines.setdefault(prefix, number)
+            continue
+        k = _KEY.match(raw)
+        if k:
+            lines.setdefault(f"{prefix}.{k.group(1)}" if prefix else k.group(1), number)
+    return lines
+
+
+class _Reader:
+    """Typed access to one table, with errors that name the key and its line."""
+
+    def __init__(self, path: str, lines: Mapping[str, int], where: str, table: Mapping[str, Any]):
+        self.path, self.lines, self.where, self.table = path, lines, where, table
+        self.used: set[str] = set()
+
+    def err(self, key: str, message: str) -> ConfigError:
+        full = f"{self.where}.{key}" if key else self.where
+        line = self.lines.get(full) or self.lines.get(self.where)
+        return ConfigError(self.path, line, full, message)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.err(key, "is required")
+            return default
+        value = self.table[key]
+        # bool is an int in Python; never accept true for a number or 1 for a flag.
+        wrong = not isinstance(value, kind) or (
+            isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+        )
+        if wrong:
+            kinds = (kind,) if isinstance(kind, type) else kind
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.err(key, f"must be {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def int_in(self, key: str, lo: int, hi: int, default: Any = ...) -> int:
+        value: int = self.get(key, int, default)
+        if not lo <= value <= hi:
+            raise self.err(key, f"{value} is out of range {lo}..{hi}")
+        return value
+
+    def number(self, key: str, lo: float, hi: float, default: float) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not lo <= value <= hi:
+            raise self.err(key, f"{value} is out of range {lo}..{hi}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.err(unknown[0], "unknown key (check the spelling; see README)")
+
+
+def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[str]) -> bytes:
+    """Read a secret from a file (``*_file``) or a systemd credential (``*_credential``)."""
+    if key.endswith("_credential"):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise r.err(key, "CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit?)")
+        path = Path(directory) / value
+    else:
+        path = Path(value) if Path(value).is_absolute() else base / value
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as e:
+        raise r.err(key, f"cannot read {path}: {e.strerror}") from None
+    if key.endswith("_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.append(f"{path} ({r.where}.{key}) is readable by group or others; chmod 600 it")
+    return data.rstrip(b"\r\n")
+
+
+def _address(r: _Reader, key: str, value: Any) -> IPv4:
+    if not isinstance(value, str):
+        raise r.err(key, f"must be an IPv4 address string, got {value!r}")
+    try:
+        return IPv4(value)
+    except ValueError:
+        raise r.err(key, f"{value!r} is not an IPv4 address") from None
+
+
+def _interface_addr(r: _Reader, key: str, value: Any) -> IPv4If:
+    if not isinstance(value, str):
+        raise r.err(key, f"must be an address string like \"10.0.0.1/24\", got {value!r}")
+    try:
+        return IPv4If(value)
+    except ValueError:
+        raise r.err(key, f"{value!r} is not an IPv4 address[/prefix]") from None
+
+
+def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
+    interface = r.get("interface", str)
+    if not interface or len(interface) > 15 or "/" in interface or " " in interface:
+        raise r.err("interface", f"{interface!r} is not a valid interface name")
+    real = r.get("real_address", str, None)
+    real_address = _address(r, "real_address", real) if real is not None else None
+
+    single = r.get("virtual_address", str, None)
+    many = r.get("virtual_addresses", list, None)
+    if (single is None) == (many is None):
+        raise r.err("virtual_address", "give exactly one of virtual_address or virtual_addresses")
+    key = "virtual_address" if single is not None else "virtual_addresses"
+    raw = [single] if single is not None else many
+    if not raw:
+        raise r.err(key, "needs at least one address")
+    vips = tuple(_interface_addr(r, key, v) for v in raw)
+    if len(set(v.ip for v in vips)) != len(vips):
+        raise r.err(key, "lists the same address twice")
+    if real_address is not None and any(v.ip == real_address for v in vips):
+        raise r.err(key, f"{real_address} is also the real_address")
+
+    password = _password(r, base, warnings)
+    start_as_master = r.get("start_as_master", bool, False)
+    priority = r.int_in(
+        "priority", 1, 254, MASTER_PRIORITY if start_as_master else DEFAULT_PRIORITY
+    )
+    return VrrpConfig(
+        interface=interface,
+        real_address=real_address,
+        virtual_addresses=vips,
+        virtual_id=r.int_in("virtual_id", 1, 255),
+        password=password,
+        start_as_master=start_as_master,
+        priority=priority,
+        preempt=r.get("preempt", bool, start_as_master),
+        advert_interval=r.int_in("advert_interval", 1, 255, 1),
+        preempt_delay=r.number("preempt_delay", 0, 3600, 0.0),
+        garp_repeat=r.int_in("garp_repeat", 1, 100, 5),
+        garp_refresh=r.number("garp_refresh", 0, 86400, 60.0),
+        prefix_given=tuple("/" in v for v in raw),
+    )
+
+
+def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
+    sources = [k for k in ("password", "password_file", "password_credential") if k in r.table]
+    if len(sources) != 1:
+        raise r.err("password", "give exactly one of password, password_file, password_credential")
+    key = sources[0]
+    value = r.get(key, str)
+    secret: bytes = (
+        value.encode() if key == "password" else _read_secret(r, key, value, base, warnings)
+    )
+    if not secret:
+        raise r.err(key, "is empty")
+    if len(secret) > MAX_PASSWORD:
+        raise r.err(
+            key, f"is {len(secret)} bytes; VRRP auth type 1 carries at most {MAX_PASSWORD} "
+            "(refusing to truncate it)"
+        )
+    if b"\0" in secret:
+        raise r.err(key, "contains a NUL byte")
+    return secret
+
+
+def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str]) -> SyncConfig:
+    enabled = r.get("enabled", bool, False)
+    if not enabled:
+        r.used.update(r.table)  # a disabled table may keep its settings for later
+        return SyncConfig(enabled=False)
+    interface = r.get("interface", str)
+    for v in vrrp:
+        if v.interface == interface:
+            raise r.err(
+                "interface", f"{interface!r} is a [[vrrp]] interface; the sync link must be "
+                "a dedicated interface without virtual addresses"
+            )
+    peer = _address(r, "peer_address", r.get("peer_address", str))
+    key_sources = [k for k in ("key_file", "key_credential") if k in r.table]
+    if len(key_sources) > 1:
+        raise r.err("key_file", "give at most one of key_file, key_credential")
+    if key_sources:
+        ks = key_sources[0]
+        key = _read_secret(r, ks, r.get(ks, str), base, warnings)
+        if len(key) < 16:
+            raise r.err(ks, f"key is {len(key)} bytes; use at least 16 (e.g. 32 random bytes)")
+        source = ks
+    else:
+        # Derived from the pool password so a two-box setup works out of the box; a password
+        # of 8 characters is a weak key, so say so.
+        key = hmac.digest(b"invictusd sync key v1", vrrp[0].password, hashlib.sha256)
+        source = "derived from the vrrp password"
+        warnings.append(
+            "sync key derived from the VRRP password; set [sync] key_file for a strong key"
+        )
+    return SyncConfig(
+        enabled=True,
+        interface=interface,
+        peer_address=peer,
+        mark_bit=r.int_in("mark_bit", 0, 31, DEFAULT_MARK_BIT),
+        port=r.int_in("port", 1, 65535, DEFAULT_SYNC_PORT),
+        key=key,
+        key_source=source,
+        install_mark_rule=r.get("install_mark_rule", bool, True),
+        flush_ms=r.number("flush_ms", 0, 1000, 5.0),
+        resync_interval=r.number("resync_interval", 0, 86400 * 7, 0.0),
+        rcvbuf_mb=r.int_in("rcvbuf_mb", 1, 2048, 64),
+        commit_timeout_min=r.int_in("commit_timeout_min", 1, 86400, 60),
+    )
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    lines = _key_lines(text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(path, int(m.group(1)) if m else None, "toml", str(e)) from None
+    base = Path(path).parent
+    warnings: list[str] = []
+    top = _Reader(path, lines, "", data)
+
+    node_t = top.get("node", dict, {})
+    nr = _Reader(path, lines, "node", node_t)
+    node = NodeConfig(
+        name=nr.get("name", str, os.uname().nodename),
+        control_socket=nr.get("control_socket", str, DEFAULT_SOCKET),
+    )
+    nr.finish()
+
+    tables = top.get("vrrp", list, None)
+    if not tables:
+        raise ConfigError(path, None, "vrrp", "at least one [[vrrp]] table is required")
+    vrrp: list[VrrpConfig] = []
+    for i, t in enumerate(tables):
+        if not isinstance(t, dict):
+            raise ConfigError(path, lines.get("vrrp"), "vrrp", "must be [[vrrp]] tables")
+        vr = _Reader(path, lines, f"vrrp[{i}]", t)
+        v = _vrrp(vr, base, warnings)
+        vr.finish()
+        for j, prev in enumerate(vrrp):
+            if prev.interface == v.interface:
+                raise vr.err("interface", f"{v.interface!r} is already used by vrrp[{j}]")
+            if prev.virtual_id == v.virtual_id:
+                raise vr.err("virtual_id", f"{v.virtual_id} is already used by vrrp[{j}]")
+            if prev.start_as_master != v.start_as_master:
+                raise vr.err(
+                    "start_as_master",
+                    "must be the same in every [[vrrp]] table: they move as one group",
+                )
+            shared = {a.ip for a in prev.virtual_addresses} & {a.ip for a in v.virtual_addresses}
+            if shared:
+                raise vr.err("virtual_address", f"{sorted(map(str, shared))} also in vrrp[{j}]")
+        vrrp.append(v)
+
+    sr = _Reader(path, lines, "sync", top.get("sync", dict, {"enabled": False}))
+    sync = _sync(sr, vrrp, base, warnings)
+    sr.finish()
+    top.finish()
+    return Config(path, node, tuple(vrrp), sync, lines, tuple(warnings))
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), None, "file", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, "file", f"not UTF-8: {e}") from None
+    cfg = parse(text, str(p))
+    has_secret = any(re.match(r"\s*password\s*=", line) for line in text.splitlines())
+    if has_secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warning = f"{p} holds a password and is readable by group or others; chmod 600 it"
+        cfg = replace(cfg, warnings=(*cfg.warnings, warning))
+    return cfg
+
+
+# ---- checks against the system ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """What ``check_system`` needs to know of one interface."""
+
+    name: str
+    addresses: tuple[IPv4If, ...]
+
+
+def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
+    """Interfaces exist, addresses fit their subnets; returns the config with prefixes filled.
+
+    A virtual address written without a prefix takes the prefix of the interface's subnet
+    that contains it.
+    """
+    resolved: list[VrrpConfig] = []
+    for i, v in enumerate(cfg.vrrp):
+        where = f"vrrp[{i}]"
+        link = links.get(v.interface)
+        if link is None:
+            raise cfg.error(f"{where}.interface", f"no interface {v.interface!r} on this system")
+        own = [a for a in link.addresses if a.ip not in {x.ip for x in v.virtual_addresses}]
+        if not own:
+            raise cfg.error(f"{where}.interface", f"{v.interface} has no IPv4 address of its own")
+        if v.real_address is not None:
+            match = [a for a in own if a.ip == v.real_address]
+            if not match:
+                raise cfg.error(
+                    f"{where}.real_address",
+                    f"{v.real_address} is not on {v.interface} "
+                    f"(it has {', '.join(str(a) for a in own)})",
+                )
+            real = match[0]
+        else:
+            real = own[0]
+        key = f"{where}.virtual_address" if f"{where}.virtual_address" in cfg.lines else (
+            f"{where}.virtual_addresses")
+        vips = []
+        for vip, explicit in zip(v.virtual_addresses, v.prefix_given, strict=True):
+            nets = [a.network for a in own if vip.ip in a.network]
+            if not nets:
+                raise cfg.error(
+                    key, f"{vip.ip} is not in the subnet of {v.interface} "
+                    f"({', '.join(str(a.network) for a in own)})"
+                )
+            if explicit and vip.network not in nets:
+                raise cfg.error(key, f"{vip} does not match {v.interface}'s subnet {nets[0]}")
+            vips.append(vip if explicit else IPv4If(f"{vip.ip}/{nets[0].prefixlen}"))
+        resolved.append(_replace_vrrp(v, real.ip, tuple(vips)))
+    if cfg.sync.enabled:
+        link = links.get(cfg.sync.interface)
+        if link is None:
+            raise cfg.error("sync.interface", f"no interface {cfg.sync.interface!r} on this system")
+        if not link.addresses:
+            raise cfg.error("sync.interface", f"{cfg.sync.interface} has no IPv4 address")
+        peer = cfg.sync.peer_address
+        assert peer is not None  # enabled sync always has a peer (checked by parse)
+        if not any(peer in a.network for a in link.addresses):
+            raise cfg.error(
+                "sync.peer_address",
+                f"{peer} is not on {cfg.sync.interface}'s subnet "
+                f"({', '.join(str(a.network) for a in link.addresses)})",
+            )
+        if any(peer == a.ip for a in link.addresses):
+            raise cfg.error("sync.peer_address", f"{peer} is this node's own address")
+    return Config(cfg.path, cfg.node, tuple(resolved), cfg.sync, cfg.lines, cfg.warnings)
+
+
+def _replace_vrrp(v: VrrpConfig, real: IPv4, vips: tuple[IPv4If, ...]) -> VrrpConfig:
+    return replace(v, real_address=real, virtual_addresses=vips, prefix_given=(True,) * len(vips))

@@ -1,0 +1,478 @@
+"""RFC 3768 section 6.4 state machine for one node's group of virtual routers, sans-IO.
+
+One ``GroupMachine`` drives every ``[[vrrp]]`` interface of a node. Each interface keeps its
+own RFC timers (Master_Down, Adver_Timer) and sees its own adverts, but the *state* is the
+group's: when any interface has to become master, all do; when any has to leave mastership
+(a better master, a link down, a step-down), all do. LAN and WAN addresses therefore never
+split between the two firewalls.
+
+Equal-priority tie-break (RFC: the higher primary address wins) is taken on the group's
+*lead* interface (lowest VRID) whenever the peer has been heard there recently, so two nodes
+whose addresses sort differently on LAN and WAN still agree on one winner instead of each
+winning one interface and flapping (the keepalived sync-group failure mode).
+
+The machine never reads a clock, sleeps or touches a socket: ``handle(event, now)`` returns
+the actions to perform, in order, and ``next_deadline()`` says when to call ``handle(Tick(),
+now)`` next.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+IPv4 = ipaddress.IPv4Address
+
+# Time after the first GARP burst at which the second one is sent (neighbours that missed or
+# ignored the first; keepalived does the same with 5 s).
+GARP_SECOND_BURST_AFTER = 5.0
+
+
+class State(enum.StrEnum):
+    INIT = "init"
+    BACKUP = "backup"
+    MASTER = "master"
+    FAULT = "fault"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceParams:
+    interface: str
+    vrid: int
+    priority: int
+    primary: IPv4
+    advert_interval: int = 1
+
+    @property
+    def skew_time(self) -> float:
+        return (256 - self.priority) / 256
+
+    @property
+    def master_down_interval(self) -> float:
+        return 3 * self.advert_interval + self.skew_time
+
+
+@dataclass(frozen=True, slots=True)
+class GroupParams:
+    instances: tuple[InstanceParams, ...]
+    preempt: bool = False
+    preempt_delay: float = 0.0
+    garp_refresh: float = 0.0  # 0 = no periodic refresh after the two bursts
+
+    @property
+    def lead(self) -> int:
+        return min(range(len(self.instances)), key=lambda i: self.instances[i].vrid)
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Startup:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time has passed; fire whatever deadline is due."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertReceived:
+    """A valid advertisement (all section 7.1 checks passed) on instance ``index``."""
+
+    index: int
+    source: IPv4
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChanged:
+    index: int
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    """Hand mastership over now and do not take it back while the peer lives."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Undo ``StepDown``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetDemoted:
+    """While demoted (replica incomplete, sync link down) this node does not preempt."""
+
+    demoted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigure:
+    """New parameters with the same interfaces and VRIDs; never causes a transition itself."""
+
+    params: GroupParams
+
+
+Event = (
+    Startup
+    | Tick
+    | AdvertReceived
+    | LinkChanged
+    | Shutdown
+    | StepDown
+    | Resume
+    | SetDemoted
+    | Reconfigure
+)
+
+# ---- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendAdvert:
+    index: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendGarp:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitReplica:
+    """Put the replicated connection state into the kernel (before the addresses move)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddAddresses:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveAddresses:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    old: State
+    new: State
+    reason: str
+
+
+Action = SendAdvert | SendGarp | CommitReplica | AddAddresses | RemoveAddresses | Transition
+
+
+class UnexpectedInput(RuntimeError):
+    """An (state, input) pair with no row in the table: a bug of ours, never network input."""
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """Per-interface runtime data (read by status; mutated only by the machine)."""
+
+    link_up: bool = True
+    master_down_at: float | None = None
+    advert_at: float | None = None
+    master_address: IPv4 | None = None
+    master_priority: int | None = None
+    adverts_sent: int = 0
+    adverts_received: int = 0
+
+
+@dataclass(slots=True)
+class _Peer:
+    address: IPv4
+    seen_at: float
+
+
+@dataclass(slots=True)
+class GroupMachine:
+    params: GroupParams
+    state: State = State.INIT
+    since: float = 0.0
+    stepped_down: bool = False
+    demoted: bool = False
+    demoted_reason: str = ""
+    started_at: float | None = None
+    garp_at: float | None = None
+    garp_second_pending: bool = False
+    transitions: int = 0
+    instances: list[InstanceView] = field(default_factory=list)
+    _lead_peer: _Peer | None = None
+
+    def __post_init__(self) -> None:
+        if not self.params.instances:
+            raise ValueError("a group needs at least one instance")
+        self.instances = [InstanceView() for _ in self.params.instances]
+
+    # ---- public API --------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        handler = _TABLE.get((self.state, type(event)))
+        if handler is None:
+            raise UnexpectedInput(f"no transition for {type(event).__name__} in {self.state}")
+        out: list[Action] = []
+        handler(self, event, now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        times = [t for v in self.instances for t in (v.master_down_at, v.advert_at) if t]
+        if self.garp_at is not None:
+            times.append(self.garp_at)
+        return min(times) if times else None
+
+    @property
+    def priority(self) -> int:
+        return self.params.instances[self.params.lead].priority
+
+    def preempt_allowed(self, now: float) -> bool:
+        if not self.params.preempt or self.stepped_down or self.demoted:
+            return False
+        started = self.started_at if self.started_at is not None else now
+        return now >= started + self.params.preempt_delay
+
+    # ---- transitions -------------------------------------------------------------------
+
+    def _goto(self, new: State, reason: str, now: float, out: list[Action]) -> None:
+        out.append(Transition(self.state, new, reason))
+        self.state = new
+        self.since = now
+        self.transitions += 1
+
+    def _become_master(self, reason: str, now: float, out: list[Action]) -> None:
+        self._goto(State.MASTER, reason, now, out)
+        self.stepped_down = False
+        for i, (p, v) in enumerate(zip(self.params.instances, self.instances, strict=True)):
+            v.master_down_at = None
+            v.master_address = p.primary
+            v.master_priority = p.priority
+            out.append(SendAdvert(i, p.priority))
+            v.adverts_sent += 1
+            v.advert_at = now + p.advert_interval
+        # State first, then addresses: established connections must find their conntrack
+        # entries the moment traffic arrives at the new master.
+        out.append(CommitReplica())
+        out.append(AddAddresses())
+        self._garp_burst(now, out)
+
+    def _garp_burst(self, now: float, out: list[Action]) -> None:
+        out.extend(SendGarp(i) for i in range(len(self.instances)))
+        self.garp_at = now + GARP_SECOND_BURST_AFTER
+        self.garp_second_pending = True
+
+    def _become_backup(self, reason: str, now: float, out: list[Action]) -> None:
+        was_master = self.state is State.MASTER
+        self._goto(State.BACKUP, reason, now, out)
+        self.garp_at = None
+        for p, v in zip(self.params.instances, self.instances, strict=True):
+            v.advert_at = None
+            v.master_down_at = now + p.master_down_interval
+            if v.master_address == p.primary:
+                v.master_address = v.master_priority = None
+        if was_master:
+            out.append(RemoveAddresses())
+
+    def _leave_with_priority_zero(self, out: list[Action]) -> None:
+        for i, v in enumerate(self.instances):
+            if v.link_up:
+                out.append(SendAdvert(i, 0))
+                v.adverts_sent += 1
+        out.append(RemoveAddresses())
+
+    def _clear_timers(self) -> None:
+        self.garp_at = None
+        for v in self.instances:
+            v.master_down_at = v.advert_at = None
+
+    # ---- handlers, one per (state, input) row ------------------------------------------
+
+    def _startup(self, ev: Startup, now: float, out: list[Action]) -> None:
+        self.started_at = now
+        self._initialize("startup", now, out)
+
+    def _initialize(self, reason: str, now: float, out: list[Action]) -> None:
+        down = [p.interface for p, v in zip(self.params.instances, self.instances, strict=True)
+                if not v.link_up]
+        if down:
+            self._goto(State.FAULT, f"link down: {', '.join(down)}", now, out)
+            self._clear_timers()
+        elif all(p.priority == 255 for p in self.params.instances):
+            self._become_master(f"{reason}: address owner (priority 255)", now, out)
+        else:
+            self._become_backup(reason, now, out)
+
+    def _tick_backup(self, ev: Tick, now: float, out: list[Action]) -> None:
+        for i, v in enumerate(self.instances):
+            if v.master_down_at is not None and v.master_down_at <= now:
+                p = self.params.instances[i]
+                self._become_master(
+                    f"master down on {p.interface} (no advert for {p.master_down_interval:.3f}s)",
+                    now, out,
+                )
+                return
+
+    def _tick_master(self, ev: Tick, now: float, out: list[Action]) -> None:
+        for i, (p, v) in enumerate(zip(self.params.instances, self.instances, strict=True)):
+            if v.advert_at is not None and v.advert_at <= now:
+                out.append(SendAdvert(i, p.priority))
+                v.adverts_sent += 1
+                # Re-arm from the deadline, not from now: a late tick does not drift the cadence,
+                # but never schedule into the past after a long stall.
+                v.advert_at = max(v.advert_at + p.advert_interval, now + p.advert_interval / 2)
+        if self.garp_at is not None and self.garp_at <= now:
+            out.extend(SendGarp(i) for i in range(len(self.instances)))
+            if self.garp_second_pending:
+                self.garp_second_pending = False
+            refresh = self.params.garp_refresh
+            self.garp_at = now + refresh if refresh > 0 else None
+
+    def _tick_idle(self, ev: Tick, now: float, out: list[Action]) -> None:
+        """INIT and FAULT have no timers; a tick there is harmless."""
+
+    def _advert_backup(self, ev: AdvertReceived, now: float, out: list[Action]) -> None:
+        p, v = self.params.instances[ev.index], self.instances[ev.index]
+        v.adverts_received += 1
+        self._note_peer(ev, now)
+        if ev.priority == 0:
+            v.master_down_at = now + p.skew_time
+            return
+        v.master_address, v.master_priority = ev.source, ev.priority
+        if not self.preempt_allowed(now) or ev.priority >= p.priority:
+            v.master_down_at = now + p.master_down_interval
+        # else: a lower-priority master and we preempt: let Master_Down fire.
+
+    def _advert_master(self, ev: AdvertReceived, now: float, out: list[Action]) -> None:
+        p, v = self.params.instances[ev.index], self.instances[ev.index]
+        v.adverts_received += 1
+        self._note_peer(ev, now)
+        if ev.priority == 0:
+            out.append(SendAdvert(ev.index, p.priority))
+            v.adverts_sent += 1
+            v.advert_at = now + p.advert_interval
+            return
+        if ev.priority > p.priority or (
+            ev.priority == p.priority and self._peer_wins_tie(ev, now)
+        ):
+            self._become_backup(
+                f"{ev.source} on {p.interface} is master with priority {ev.priority} "
+                f"(ours {p.priority})",
+                now, out,
+            )
+            v.master_address, v.master_priority = ev.source, ev.priority
+            return
+        # Another master that loses to us: a split brain resolving in our favour. Its
+        # neighbours may have learned its MAC for our addresses; announce ourselves again.
+        if self.garp_at is None or not self.garp_second_pending:
+            self._garp_burst(now, out)
+
+    def _advert_idle(self, ev: AdvertReceived, now: float, out: list[Action]) -> None:
+        self.instances[ev.index].adverts_received += 1
+        self._note_peer(ev, now)
+
+    def _note_peer(self, ev: AdvertReceived, now: float) -> None:
+        if ev.index == self.params.lead:
+            self._lead_peer = _Peer(ev.source, now)
+
+    def _peer_wins_tie(self, ev: AdvertReceived, now: float) -> bool:
+        lead = self.params.lead
+        lp = self._lead_peer
+        lead_p = self.params.instances[lead]
+        if ev.index != lead and lp is not None and now - lp.seen_at <= lead_p.master_down_interval:
+            return int(lp.address) > int(lead_p.primary)
+        return int(ev.source) > int(self.params.instances[ev.index].primary)
+
+    def _link(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
+        v = self.instances[ev.index]
+        if v.link_up == ev.up:
+            return
+        v.link_up = ev.up
+        iface = self.params.instances[ev.index].interface
+        if not ev.up and self.state is not State.FAULT:
+            if self.state is State.MASTER:
+                self._leave_with_priority_zero(out)
+            self._goto(State.FAULT, f"link down: {iface}", now, out)
+            self._clear_timers()
+        elif ev.up and self.state is State.FAULT and all(x.link_up for x in self.instances):
+            self._initialize(f"link up: {iface}", now, out)
+
+    def _link_init(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
+        self.instances[ev.index].link_up = ev.up
+
+    def _shutdown(self, ev: Shutdown, now: float, out: list[Action]) -> None:
+        if self.state is State.INIT:
+            return
+        if self.state is State.MASTER:
+            self._leave_with_priority_zero(out)
+        self._goto(State.INIT, "shutdown", now, out)
+        self._clear_timers()
+
+    def _step_down(self, ev: StepDown, now: float, out: list[Action]) -> None:
+        self.stepped_down = True
+        if self.state is State.MASTER:
+            for i, v in enumerate(self.instances):
+                out.append(SendAdvert(i, 0))
+                v.adverts_sent += 1
+            self._become_backup("step down requested", now, out)
+
+    def _resume(self, ev: Resume, now: float, out: list[Action]) -> None:
+        self.stepped_down = False
+
+    def _set_demoted(self, ev: SetDemoted, now: float, out: list[Action]) -> None:
+        self.demoted = ev.demoted
+        self.demoted_reason = ev.reason if ev.demoted else ""
+
+    def _reconfigure(self, ev: Reconfigure, now: float, out: list[Action]) -> None:
+        old, new = self.params.instances, ev.params.instances
+        if [(p.interface, p.vrid) for p in old] != [(p.interface, p.vrid) for p in new]:
+            raise ValueError("reconfigure cannot change interfaces or VRIDs; restart instead")
+        self.params = ev.params
+        if self.state is State.MASTER:
+            for p, v in zip(new, self.instances, strict=True):
+                v.master_priority = p.priority
+        if self.state is State.MASTER and self.garp_at is None and ev.params.garp_refresh > 0:
+            self.garp_at = now + ev.params.garp_refresh
+
+
+_Handler = Callable[[GroupMachine, "Event", float, list[Action]], None]
+_S = State
+_TABLE: dict[tuple[State, type], _Handler] = {}
+
+
+def _rows(states: tuple[State, ...], event: type, handler: Callable[..., None]) -> None:
+    for s in states:
+        _TABLE[(s, event)] = handler
+
+
+_ALL = (_S.INIT, _S.BACKUP, _S.MASTER, _S.FAULT)
+_rows((_S.INIT,), Startup, GroupMachine._startup)
+_rows((_S.BACKUP,), Tick, GroupMachine._tick_backup)
+_rows((_S.MASTER,), Tick, GroupMachine._tick_master)
+_rows((_S.INIT, _S.FAULT), Tick, GroupMachine._tick_idle)
+_rows((_S.BACKUP,), AdvertReceived, GroupMachine._advert_backup)
+_rows((_S.MASTER,), AdvertReceived, GroupMachine._advert_master)
+_rows((_S.INIT, _S.FAULT), AdvertReceived, GroupMachine._advert_idle)
+_rows((_S.BACKUP, _S.MASTER, _S.FAULT), LinkChanged, GroupMachine._link)
+_rows((_S.INIT,), LinkChanged, GroupMachine._link_init)
+_rows(_ALL, Shutdown, GroupMachine._shutdown)
+_rows((_S.BACKUP, _S.MASTER, _S.FAULT), StepDown, GroupMachine._step_down)
+_rows(_ALL, Resume, GroupMachine._resume)
+_rows(_ALL, SetDemoted, GroupMachine._set_demoted)
+_rows(_ALL, Reconfigure, GroupMachine._reconfigure)
+
+
+def with_priority(params: GroupParams, priority: int) -> GroupParams:
+    """The same group with every instance at ``priority`` (used by tests and reload)."""
+    return replace(params, instances=tuple(replace(p, priority=priority) for p in params.instances))
