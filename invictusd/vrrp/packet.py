@@ -66,7 +66,7 @@ class Advertisement:
 def checksum(data: bytes) -> int:
     """Internet checksum (RFC 1071) of ``data``."""
     if len(data) % 2:
-        data += b"\0"
+        data = bytes(data) + b"\0"  # not +=: that would extend a caller's bytearray
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
