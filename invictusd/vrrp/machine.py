@@ -185,6 +185,7 @@ class InstanceView:
 
     link_up: bool = True
     master_down_at: float | None = None
+    master_down_why: str = ""
     advert_at: float | None = None
     master_address: IPv4 | None = None
     master_priority: int | None = None
@@ -280,6 +281,7 @@ class GroupMachine:
         for p, v in zip(self.params.instances, self.instances, strict=True):
             v.advert_at = None
             v.master_down_at = now + p.master_down_interval
+            v.master_down_why = ""
             if v.master_address == p.primary:
                 v.master_address = v.master_priority = None
         if was_master:
@@ -318,10 +320,8 @@ class GroupMachine:
         for i, v in enumerate(self.instances):
             if v.master_down_at is not None and v.master_down_at <= now:
                 p = self.params.instances[i]
-                self._become_master(
-                    f"master down on {p.interface} (no advert for {p.master_down_interval:.3f}s)",
-                    now, out,
-                )
+                why = v.master_down_why or f"no advert for {p.master_down_interval:.3f}s"
+                self._become_master(f"master down on {p.interface} ({why})", now, out)
                 return
 
     def _tick_master(self, ev: Tick, now: float, out: list[Action]) -> None:
@@ -348,10 +348,14 @@ class GroupMachine:
         self._note_peer(ev, now)
         if ev.priority == 0:
             v.master_down_at = now + p.skew_time
+            v.master_down_why = f"{ev.source} left with priority 0"
             return
         v.master_address, v.master_priority = ev.source, ev.priority
         if not self.preempt_allowed(now) or ev.priority >= p.priority:
             v.master_down_at = now + p.master_down_interval
+            v.master_down_why = ""
+        else:
+            v.master_down_why = f"preempting {ev.source} (priority {ev.priority} < {p.priority})"
         # else: a lower-priority master and we preempt: let Master_Down fire.
 
     def _advert_master(self, ev: AdvertReceived, now: float, out: list[Action]) -> None:

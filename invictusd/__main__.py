@@ -1,0 +1,5 @@
+import sys
+
+from invictusd.cli import main
+
+sys.exit(main())

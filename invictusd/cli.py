@@ -1,0 +1,231 @@
+"""Command line: run | check | status | step-down | resume | reload | cleanup | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from invictusd import __version__
+
+DEFAULT_CONFIG = "/etc/invictusd/invictusd.toml"
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="invictusd", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"invictusd {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (systemd Type=notify)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("check", help="validate a configuration file and exit")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--system", action="store_true",
+                   help="also check interfaces and subnets on this machine")
+
+    for name, text in (
+        ("status", "show the daemon's state"),
+        ("step-down", "hand mastership to the peer and stay backup"),
+        ("resume", "undo step-down"),
+        ("reload", "re-read the configuration (like SIGHUP)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--socket", "-s", default=None, help="control socket path")
+        p.add_argument("--config", "-c", default=None,
+                       help="take the control socket path from this config")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("cleanup", help="remove virtual addresses and the mark rule (ExecStopPost)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+
+    p = sub.add_parser("demo", help="build a namespace lab, show an election and a failover")
+    p.add_argument("--keep", action="store_true", help="wait for Enter before tearing down")
+
+    args = ap.parse_args(argv)
+    handler = {
+        "run": _run, "check": _check, "status": _status, "step-down": _simple,
+        "resume": _simple, "reload": _simple, "cleanup": _cleanup, "demo": _demo,
+    }[args.command]
+    return handler(args)
+
+
+def _load(path: str) -> Any:
+    from invictusd.config import ConfigError, load
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"invictusd: configuration error: {e}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from invictusd import daemon, log
+
+    log.setup(args.log_level)
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    factory = None
+    if cfg.sync.enabled:
+        from invictusd.replication import Replication
+
+        factory = Replication
+    return daemon.run(cfg, factory)
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    if args.system:
+        import asyncio
+
+        from invictusd.config import ConfigError, check_system
+        from invictusd.io.links import Links
+
+        links = Links()
+        try:
+            infos, _, _ = asyncio.run(links.snapshot())
+            cfg = check_system(cfg, infos)
+        except ConfigError as e:
+            print(f"invictusd: configuration error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        finally:
+            links.close()
+    for w in cfg.warnings:
+        print(f"invictusd: warning: {w}", file=sys.stderr)
+    groups = ", ".join(f"{v.interface} (VRID {v.virtual_id})" for v in cfg.vrrp)
+    print(f"{cfg.path}: OK: group of {len(cfg.vrrp)}: {groups}"
+          + (f"; sync on {cfg.sync.interface}" if cfg.sync.enabled else ""))
+    return EXIT_OK
+
+
+def _socket_path(args: argparse.Namespace) -> str | None:
+    if args.socket:
+        return str(args.socket)
+    from invictusd.config import DEFAULT_SOCKET
+
+    if args.config:
+        cfg = _load(args.config)
+        return None if cfg is None else str(cfg.node.control_socket)
+    return DEFAULT_SOCKET
+
+
+def _ask(args: argparse.Namespace, cmd: str) -> dict[str, Any] | None:
+    from invictusd import control
+
+    path = _socket_path(args)
+    if path is None:
+        return None
+    try:
+        return control.request(path, cmd)
+    except (OSError, ValueError) as e:
+        print(f"invictusd: daemon not reachable at {path}: {e}", file=sys.stderr)
+        return None
+
+
+def _simple(args: argparse.Namespace) -> int:
+    reply = _ask(args, args.command)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if not reply.get("ok"):
+        print(f"invictusd: {args.command} failed: {reply.get('error')}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.command}: ok")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = _ask(args, "status")
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK
+    print(format_status(reply))
+    return EXIT_OK
+
+
+def format_status(s: dict[str, Any]) -> str:
+    g = s["group"]
+    flags = [f for f, on in (("stepped down", g["stepped_down"]),
+                             (f"demoted: {g['demoted_reason']}", g["demoted"])) if on]
+    lines = [f"invictusd {s['version']} on {s['node']} (pid {s['pid']}, up {s['uptime']:.0f}s): "
+             f"{g['state'].upper()}" + (f" [{', '.join(flags)}]" if flags else "")
+             + f", preempt {'on' if g['preempt'] else 'off'}, {g['transitions']} transitions"]
+    for v in s["vrrp"]:
+        c = v["counters"]
+        drops = ", ".join(f"{k} {n}" for k, n in sorted(c["drops"].items())) or "none"
+        lines.append(
+            f"  {v['interface']:<8} VRID {v['virtual_id']:<3} {v['state']:<6} prio {v['priority']:<3}"
+            f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {' '.join(v['virtual_addresses'])}"
+            f"  master {v['master_address'] or '-'}  {v['time_in_state']:.1f}s in state"
+        )
+        lines.append(f"           adverts sent {c['adverts_sent']}, received {c['adverts_received']}"
+                     f", drops: {drops}")
+    sync = s.get("sync")
+    if sync:
+        lc = sync.get("last_commit")
+        commit = f"{lc['entries']} entries in {lc['duration_ms']:.1f} ms" if lc else "none"
+        lines.append(
+            f"  sync     peer {sync.get('peer')} link {'up' if sync.get('link_up') else 'DOWN'}"
+            f"  peer entries {sync.get('peer_entries')}  local entries {sync.get('local_entries')}"
+            f"  last commit {commit}"
+        )
+        counters = sync.get("counters", {})
+        if counters:
+            lines.append("           " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
+    loop = s.get("loop", {})
+    lines.append(f"  loop     stalls {loop.get('stalls', 0)}, max lag {loop.get('max_lag_ms', 0)} ms")
+    return "\n".join(lines)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from invictusd.config import ConfigError, check_system
+    from invictusd.io.links import Links
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    links = Links()
+
+    async def go() -> list[str]:
+        infos, ifindex, _ = await links.snapshot()
+        resolved = check_system(cfg, infos)
+        removed: list[str] = []
+        for v in resolved.vrrp:
+            removed += await links.remove(ifindex[v.interface], list(v.virtual_addresses))
+        return removed
+
+    try:
+        removed = asyncio.run(go())
+    except ConfigError as e:
+        print(f"invictusd: cleanup: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        links.close()
+    if cfg.sync.enabled and cfg.sync.install_mark_rule:
+        from invictusd.io.markrule import remove_mark_rule
+
+        remove_mark_rule()
+    print("cleanup: removed " + (", ".join(removed) if removed else "nothing"))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from invictusd.lab.demo import main as demo_main
+
+    return demo_main(keep=args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""Wiring: sockets and timers feed the sans-IO machines; their actions are carried out here.
+
+One asyncio loop (uvloop) runs everything. Adverts go out inline the moment the machine asks
+for them; everything slower (address changes through pyroute2, the replica commit, ARP) runs
+in order on one worker task, so "commit, then addresses, then gratuitous ARP" holds without a
+lock and a slow commit never delays an advert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from invictusd import __version__, control, log
+from invictusd.config import Config, ConfigError, LinkInfo, check_system, load
+from invictusd.io.garp import GarpSocket
+from invictusd.io.links import Links
+from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
+from invictusd.io.vrrp_socket import VrrpSocket
+from invictusd.notify import Notifier
+from invictusd.vrrp import packet
+from invictusd.vrrp.machine import (
+    Action,
+    AddAddresses,
+    AdvertReceived,
+    CommitReplica,
+    GroupMachine,
+    GroupParams,
+    InstanceParams,
+    LinkChanged,
+    Reconfigure,
+    RemoveAddresses,
+    Resume,
+    SendAdvert,
+    SendGarp,
+    SetDemoted,
+    Shutdown,
+    Startup,
+    State,
+    StepDown,
+    Tick,
+    Transition,
+)
+
+HEARTBEAT = 0.1  # event-loop lag probe period (s)
+STALL_WARN = 0.25  # a lag above this is logged as a stall
+
+
+class Replica(Protocol):
+    """What the daemon needs of conntrack replication (``invictusd.replication``)."""
+
+    async def start(self, daemon: Daemon) -> None: ...
+    async def commit(self) -> dict[str, Any]: ...
+    def became_master(self) -> None: ...
+    def became_backup(self) -> None: ...
+    def link_changed(self, ifindex: int, up: bool) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+    async def stop(self) -> None: ...
+
+
+def group_params(cfg: Config) -> GroupParams:
+    instances = []
+    for v in cfg.vrrp:
+        assert v.real_address is not None, "check_system fills real_address"
+        instances.append(
+            InstanceParams(v.interface, v.virtual_id, v.priority, v.real_address, v.advert_interval)
+        )
+    first = cfg.vrrp[0]
+    refreshes = [v.garp_refresh for v in cfg.vrrp if v.garp_refresh > 0]
+    return GroupParams(
+        instances=tuple(instances),
+        preempt=first.preempt,
+        preempt_delay=max(v.preempt_delay for v in cfg.vrrp),
+        garp_refresh=min(refreshes) if refreshes else 0.0,
+    )
+
+
+def _expect(cfg: Config, i: int) -> packet.Expect:
+    v = cfg.vrrp[i]
+    return packet.Expect(
+        vrid=v.virtual_id,
+        advert_interval=v.advert_interval,
+        addresses=frozenset(a.ip for a in v.virtual_addresses),
+        auth_type=packet.AUTH_PASSWORD,
+        password=v.password,
+    )
+
+
+@dataclass(frozen=True)
+class _Resnapshot:
+    """Worker job: re-read link state after an rtnetlink overrun."""
+
+
+@dataclass
+class Instance:
+    index: int
+    ifindex: int
+    sock: VrrpSocket
+    garp: GarpSocket
+    expect: packet.Expect
+    drops: Counter[str] = field(default_factory=Counter)
+    garps_sent: int = 0
+    addresses_restored: int = 0
+
+
+class Daemon:
+    def __init__(self, cfg: Config, replica_factory: Any = None) -> None:
+        self.cfg = cfg
+        self.log = log.get(node=cfg.node.name)
+        self.notifier = Notifier()
+        self.links = Links()
+        self.instances: list[Instance] = []
+        self.machine: GroupMachine | None = None
+        self.replica: Replica | None = None
+        self._replica_factory = replica_factory
+        self._by_ifindex: dict[int, int] = {}
+        self._work: asyncio.Queue[Action | _Resnapshot] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._drop_log = log.RateLimit(10.0)
+        self._rtnl: RtnlMonitor | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._started_wall = time.time()
+        self.loop_stalls = 0
+        self.max_loop_lag = 0.0
+        self.last_commit: dict[str, Any] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        infos, ifindex, link_up = await self.links.snapshot()
+        try:
+            self.cfg = check_system(self.cfg, infos)
+        except ConfigError as e:
+            self.log.error("config refused", error=str(e))
+            self.links.close()
+            return 2
+        for w in self.cfg.warnings:
+            self.log.warning("config warning", detail=w)
+        await self._remove_stale(ifindex, infos)
+
+        for i, v in enumerate(self.cfg.vrrp):
+            assert v.real_address is not None
+            sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address)
+            garp = GarpSocket(v.interface)
+            inst = Instance(i, ifindex[v.interface], sock, garp, _expect(self.cfg, i))
+            self.instances.append(inst)
+            self._by_ifindex[inst.ifindex] = i
+            loop.add_reader(sock.fileno(), self._on_vrrp_readable, inst)
+        self._rtnl = RtnlMonitor()
+        loop.add_reader(self._rtnl.fileno(), self._on_rtnl_readable)
+
+        self.machine = GroupMachine(group_params(self.cfg))
+        for i, v in enumerate(self.cfg.vrrp):
+            if not link_up.get(v.interface, False):
+                self._apply(self.machine.handle(LinkChanged(i, False), loop.time()))
+
+        if self.cfg.sync.enabled and self._replica_factory is not None:
+            self.replica = self._replica_factory(self.cfg)
+            assert self.replica is not None
+            await self.replica.start(self)
+
+        self._server = await control.serve(self.cfg.node.control_socket, self._control)
+        for sig, fn in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload())),
+            (signal.SIGUSR1, self.step_down),
+            (signal.SIGUSR2, self.dump),
+        ):
+            loop.add_signal_handler(sig, fn)
+        worker = asyncio.ensure_future(self._worker())
+        heartbeat = asyncio.ensure_future(self._heartbeat())
+
+        self._apply(self.machine.handle(Startup(), loop.time()))
+        self.log.info(
+            "started", version=__version__, interfaces=[v.interface for v in self.cfg.vrrp],
+            state=self.machine.state.value, priority=self.machine.priority,
+            preempt=self.machine.params.preempt, sync=self.cfg.sync.enabled,
+        )
+        self.notifier.ready(self._status_line())
+
+        await self._stop.wait()
+
+        self.notifier.stopping()
+        self._apply(self.machine.handle(Shutdown(), loop.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.join(), timeout=10)
+        worker.cancel()
+        heartbeat.cancel()
+        await self._close()
+        self.log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.log.info("stop requested")
+        self._stop.set()
+
+    async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer:
+            self._timer.cancel()
+        if self.replica is not None:
+            await self.replica.stop()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.node.control_socket)
+        # Belt and braces: whatever happened before, no virtual address outlives a clean stop.
+        for inst in self.instances:
+            await self.links.remove(inst.ifindex, list(self.cfg.vrrp[inst.index].virtual_addresses))
+            loop.remove_reader(inst.sock.fileno())
+            inst.sock.close()
+            inst.garp.close()
+        if self._rtnl is not None:
+            loop.remove_reader(self._rtnl.fileno())
+            self._rtnl.close()
+        self.links.close()
+
+    async def _remove_stale(self, ifindex: dict[str, int], infos: dict[str, LinkInfo]) -> None:
+        """A previous run killed with SIGKILL leaves its addresses: we start as backup."""
+        for v in self.cfg.vrrp:
+            present = {a.ip for a in infos[v.interface].addresses}
+            stale = [a for a in v.virtual_addresses if a.ip in present]
+            if stale:
+                await self.links.remove(ifindex[v.interface], stale)
+                self.log.warning(
+                    "removed virtual addresses left by a previous run",
+                    interface=v.interface, addresses=[str(a) for a in stale],
+                )
+
+    # ---- inputs ------------------------------------------------------------------------
+
+    def _on_vrrp_readable(self, inst: Instance) -> None:
+        while (data := inst.sock.recv()) is not None:
+            self._on_packet(inst, data)
+
+    def _on_packet(self, inst: Instance, data: bytes) -> None:
+        assert self.machine is not None
+        try:
+            source, ttl, adv = packet.decode_ip(data)
+            if source == inst.sock.source:
+                raise packet.PacketError(packet.DropReason.OWN, "our own advertisement")
+            packet.validate(ttl, adv, inst.expect)
+        except packet.PacketError as e:
+            inst.drops[e.reason.value] += 1
+            if e.reason is not packet.DropReason.OWN:
+                held = self._drop_log.allow((inst.index, e.reason))
+                if held is not None:
+                    self.log.warning(
+                        "advert dropped", interface=self.cfg.vrrp[inst.index].interface,
+                        vrid=inst.expect.vrid, reason=e.reason.value, detail=e.detail,
+                        source=_source(data), suppressed=held,
+                    )
+            return
+        now = asyncio.get_running_loop().time()
+        self._apply(self.machine.handle(AdvertReceived(inst.index, source, adv.priority), now))
+
+    def _on_rtnl_readable(self) -> None:
+        assert self._rtnl is not None and self.machine is not None
+        try:
+            events = self._rtnl.read()
+        except OverflowError:
+            self.log.warning("rtnetlink overrun; re-reading link state")
+            self._work.put_nowait(_Resnapshot())
+            return
+        except ValueError as e:
+            self.log.error("rtnetlink message not understood", error=str(e))
+            return
+        now = asyncio.get_running_loop().time()
+        for ev in events:
+            if isinstance(ev, LinkEvent):
+                if self.replica is not None:
+                    self.replica.link_changed(ev.ifindex, ev.up)
+                i = self._by_ifindex.get(ev.ifindex)
+                if i is not None:
+                    self._apply(self.machine.handle(LinkChanged(i, ev.up), now))
+            elif isinstance(ev, AddrEvent) and ev.deleted:
+                self._address_deleted(ev)
+
+    async def _resnapshot(self) -> None:
+        assert self.machine is not None
+        _, _, link_up = await self.links.snapshot()
+        now = asyncio.get_running_loop().time()
+        for inst in self.instances:
+            up = link_up.get(self.cfg.vrrp[inst.index].interface, False)
+            self._apply(self.machine.handle(LinkChanged(inst.index, up), now))
+        if self.machine.state is State.MASTER:
+            self._work.put_nowait(AddAddresses())
+
+    def _address_deleted(self, ev: AddrEvent) -> None:
+        assert self.machine is not None
+        i = self._by_ifindex.get(ev.ifindex)
+        if i is None or self.machine.state is not State.MASTER:
+            return
+        if any(a.ip == ev.address for a in self.cfg.vrrp[i].virtual_addresses):
+            self.instances[i].addresses_restored += 1
+            self.log.warning(
+                "virtual address removed behind our back; restoring",
+                interface=self.cfg.vrrp[i].interface, address=str(ev.address),
+            )
+            self._work.put_nowait(AddAddresses())
+            self._work.put_nowait(SendGarp(i))
+
+    # ---- actions -----------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendAdvert):
+                self._send_advert(a.index, a.priority)
+            elif isinstance(a, Transition):
+                self._on_transition(a)
+            else:
+                self._work.put_nowait(a)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        assert self.machine is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.machine.next_deadline()
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self.machine is not None
+        self._timer = None
+        self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
+
+    def _send_advert(self, index: int, priority: int) -> None:
+        v = self.cfg.vrrp[index]
+        adv = packet.Advertisement(
+            vrid=v.virtual_id, priority=priority,
+            addresses=tuple(a.ip for a in v.virtual_addresses),
+            advert_interval=v.advert_interval, auth_type=packet.AUTH_PASSWORD,
+            auth_data=v.password,
+        )
+        try:
+            self.instances[index].sock.send(packet.encode(adv))
+        except OSError as e:
+            # A link going down makes sends fail before the link event arrives.
+            self.instances[index].drops["send_error"] += 1
+            held = self._drop_log.allow((index, "send"))
+            if held is not None:
+                self.log.warning("advert not sent", interface=v.interface, error=e.strerror)
+
+    def _on_transition(self, t: Transition) -> None:
+        assert self.machine is not None
+        level = self.log.warning if t.new in (State.FAULT,) or t.old is State.MASTER else (
+            self.log.info)
+        for v in self.cfg.vrrp:
+            level("state change", old=t.old.value, new=t.new.value, reason=t.reason,
+                  interface=v.interface, vrid=v.virtual_id)
+        if self.replica is not None:
+            if t.new is State.MASTER:
+                self.replica.became_master()
+            elif t.old is State.MASTER:
+                self.replica.became_backup()
+        self.notifier.status(self._status_line())
+
+    async def _worker(self) -> None:
+        while True:
+            action = await self._work.get()
+            try:
+                await self._run_action(action)
+            except Exception as e:  # an I/O failure must not stop the daemon
+                self.log.error("action failed", action=type(action).__name__, error=repr(e))
+            finally:
+                self._work.task_done()
+
+    async def _run_action(self, action: Action | _Resnapshot) -> None:
+        assert self.machine is not None
+        if isinstance(action, CommitReplica):
+            if self.replica is not None:
+                self.last_commit = await self.replica.commit()
+        elif isinstance(action, AddAddresses):
+            # The machine may have moved on while we waited: only add if still master.
+            if self.machine.state is State.MASTER:
+                for inst in self.instances:
+                    vips = list(self.cfg.vrrp[inst.index].virtual_addresses)
+                    await self.links.add(inst.ifindex, vips)
+        elif isinstance(action, RemoveAddresses):
+            if self.machine.state is not State.MASTER:
+                for inst in self.instances:
+                    vips = list(self.cfg.vrrp[inst.index].virtual_addresses)
+                    await self.links.remove(inst.ifindex, vips)
+        elif isinstance(action, SendGarp) and self.machine.state is State.MASTER:
+            v = self.cfg.vrrp[action.index]
+            inst = self.instances[action.index]
+            inst.garps_sent += inst.garp.announce(
+                [a.ip for a in v.virtual_addresses], repeat=v.garp_repeat
+            )
+        elif isinstance(action, _Resnapshot):
+            await self._resnapshot()
+
+    # ---- commands ----------------------------------------------------------------------
+
+    def step_down(self) -> None:
+        assert self.machine is not None
+        self.log.info("step down requested")
+        self._apply(self.machine.handle(StepDown(), asyncio.get_running_loop().time()))
+
+    def resume(self) -> None:
+        assert self.machine is not None
+        self.log.info("resume requested")
+        self._apply(self.machine.handle(Resume(), asyncio.get_running_loop().time()))
+
+    def set_demoted(self, demoted: bool, reason: str) -> None:
+        assert self.machine is not None
+        if demoted != self.machine.demoted:
+            self.log.info("preemption " + ("held" if demoted else "allowed"), reason=reason)
+        now = asyncio.get_running_loop().time()
+        self._apply(self.machine.handle(SetDemoted(demoted, reason), now))
+
+    async def reload(self) -> dict[str, Any]:
+        assert self.machine is not None
+        self.log.info("reload requested", config=self.cfg.path)
+        try:
+            new = load(self.cfg.path)
+            infos, _, _ = await self.links.snapshot()
+            new = check_system(new, infos)
+        except ConfigError as e:
+            self.log.error("reload refused; keeping the running configuration", error=str(e))
+            return {"ok": False, "error": str(e)}
+        why = _needs_restart(self.cfg, new)
+        if why:
+            self.log.error("reload refused; keeping the running configuration", error=why)
+            return {"ok": False, "error": why}
+        self.cfg = new
+        for inst in self.instances:
+            inst.expect = _expect(new, inst.index)
+        now = asyncio.get_running_loop().time()
+        self._apply(self.machine.handle(Reconfigure(group_params(new)), now))
+        self.log.info("reloaded", priority=self.machine.priority, preempt=self.machine.params.preempt)
+        return {"ok": True}
+
+    def dump(self) -> None:
+        self.log.info("status dump", **self.status())
+
+    async def _control(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "step-down":
+            self.step_down()
+            return {"ok": True}
+        if cmd == "resume":
+            self.resume()
+            return {"ok": True}
+        if cmd == "reload":
+            return await self.reload()
+        if cmd == "stall" and os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
+            # Test hook: block the event loop to prove stall detection and the watchdog.
+            time.sleep(float(request.get("seconds", 2.0)))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # ---- status ------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval
+        next_ping = loop.time()
+        expected = loop.time() + HEARTBEAT
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = loop.time()
+            lag = now - expected
+            expected = now + HEARTBEAT
+            self.max_loop_lag = max(self.max_loop_lag, lag)
+            if lag > STALL_WARN:
+                self.loop_stalls += 1
+                self.log.warning("event loop stalled", seconds=round(lag, 3))
+            if interval is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + interval / 2
+
+    def _status_line(self) -> str:
+        assert self.machine is not None
+        line = f"{self.machine.state.value}, priority {self.machine.priority}"
+        if self.replica is not None:
+            s = self.replica.status()
+            line += f", sync peer entries {s.get('peer_entries', 0)}"
+        return line
+
+    def status(self) -> dict[str, Any]:
+        assert self.machine is not None
+        m = self.machine
+        now = asyncio.get_running_loop().time()
+        vrrp = []
+        for inst in self.instances:
+            v, p, view = self.cfg.vrrp[inst.index], m.params.instances[inst.index], m.instances[
+                inst.index]
+            vrrp.append({
+                "interface": v.interface,
+                "virtual_id": v.virtual_id,
+                "state": m.state.value,
+                "priority": p.priority,
+                "real_address": str(p.primary),
+                "virtual_addresses": [str(a) for a in v.virtual_addresses],
+                "master_address": str(view.master_address) if view.master_address else None,
+                "master_priority": view.master_priority,
+                "link_up": view.link_up,
+                "advert_interval": v.advert_interval,
+                "master_down_interval": p.master_down_interval,
+                "time_in_state": round(now - m.since, 3),
+                "counters": {
+                    "adverts_sent": view.adverts_sent,
+                    "adverts_received": view.adverts_received,
+                    "drops": dict(inst.drops),
+                    "transitions": m.transitions,
+                    "garp_sent": inst.garps_sent,
+                    "addresses_restored": inst.addresses_restored,
+                },
+            })
+        return {
+            "node": self.cfg.node.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self._started_wall, 3),
+            "group": {
+                "state": m.state.value,
+                "preempt": m.params.preempt,
+                "stepped_down": m.stepped_down,
+                "demoted": m.demoted,
+                "demoted_reason": m.demoted_reason,
+                "transitions": m.transitions,
+            },
+            "vrrp": vrrp,
+            "sync": self.replica.status() if self.replica is not None else None,
+            "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1)},
+        }
+
+
+def _source(data: bytes) -> str:
+    return ".".join(str(b) for b in data[12:16]) if len(data) >= 20 else "?"
+
+
+def _needs_restart(old: Config, new: Config) -> str:
+    def shape(c: Config) -> Any:
+        return (
+            [(v.interface, v.virtual_id, v.virtual_addresses, v.real_address) for v in c.vrrp],
+            c.sync, c.node.control_socket,
+        )
+
+    if shape(old) != shape(new):
+        return ("interfaces, VRIDs, addresses, the control socket or [sync] changed; "
+                "these need a restart (systemctl restart invictusd)")
+    return ""
+
+
+def run(cfg: Config, replica_factory: Any = None) -> int:
+    import uvloop
+
+    # uvloop.run (not uvloop.install): a global policy breaks pyroute2's threads.
+    return uvloop.run(Daemon(cfg, replica_factory).run())

@@ -1,0 +1,49 @@
+"""Gratuitous ARP on a persistent AF_PACKET socket (opening one costs ~12 ms; sending ~15 us)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+ETH_P_ARP = 0x0806
+BROADCAST = b"\xff" * 6
+_ARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+
+
+def garp_frames(mac: bytes, address: ipaddress.IPv4Address) -> tuple[bytes, bytes]:
+    """A gratuitous ARP request and reply for ``address`` at ``mac``, padded to 60 bytes."""
+    ip = address.packed
+    request = _ARP.pack(BROADCAST, mac, ETH_P_ARP, 1, 0x0800, 6, 4, 1, mac, ip, b"\0" * 6, ip)
+    reply = _ARP.pack(BROADCAST, mac, ETH_P_ARP, 1, 0x0800, 6, 4, 2, mac, ip, mac, ip)
+    return request.ljust(60, b"\0"), reply.ljust(60, b"\0")
+
+
+class GarpSocket:
+    def __init__(self, ifname: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        try:
+            self.sock.bind((ifname, ETH_P_ARP))
+            self.sock.setblocking(False)
+            self.mac: bytes = self.sock.getsockname()[4]
+        except OSError:
+            self.sock.close()
+            raise
+        self.ifname = ifname
+
+    def announce(self, addresses: list[ipaddress.IPv4Address], repeat: int = 1) -> int:
+        sent = 0
+        for _ in range(repeat):
+            for address in addresses:
+                for frame in garp_frames(self.mac, address):
+                    try:
+                        self.sock.send(frame)
+                        sent += 1
+                    except (BlockingIOError, OSError):
+                        # A full queue or a link going down: the next burst or refresh
+                        # retries; never let ARP stop the state machine.
+                        pass
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()
