@@ -230,7 +230,9 @@ class GroupMachine:
         return out
 
     def next_deadline(self) -> float | None:
-        times = [t for v in self.instances for t in (v.master_down_at, v.advert_at) if t]
+        times = [
+            t for v in self.instances for t in (v.master_down_at, v.advert_at) if t is not None
+        ]
         if self.garp_at is not None:
             times.append(self.garp_at)
         return min(times) if times else None
@@ -394,9 +396,15 @@ class GroupMachine:
         lead = self.params.lead
         lp = self._lead_peer
         lead_p = self.params.instances[lead]
-        if ev.index != lead and lp is not None and now - lp.seen_at <= lead_p.master_down_interval:
-            return int(lp.address) > int(lead_p.primary)
-        return int(ev.source) > int(self.params.instances[ev.index].primary)
+        if ev.index != lead:
+            if lp is not None and now - lp.seen_at <= lead_p.master_down_interval:
+                return int(lp.address) > int(lead_p.primary)
+            # Not heard on the lead yet (both became master in the same instant and this
+            # interface's advert came first): a per-interface verdict here can contradict the
+            # peer's, both step down and they flap. Keep mastership; the lead advert of the
+            # same round decides.
+            return False
+        return int(ev.source) > int(lead_p.primary)
 
     def _link(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
         v = self.instances[ev.index]
