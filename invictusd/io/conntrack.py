@@ -1,0 +1,389 @@
+"""Conntrack sockets: event subscription, dump and batched injection over raw ctnetlink.
+
+Thin adapters around ``invictusd.io.ctnetlink`` (the pure codec). All sockets act in the
+network namespace of the calling thread at the time they are created.
+
+Preconditions: the ``nf_conntrack`` and ``nf_conntrack_netlink`` modules (built in or
+loaded). ``nfnetlink`` loads ``nf_conntrack_netlink`` on the first ctnetlink request or group
+subscription, which pulls in ``nf_conntrack``; ``set_conntrack_events`` relies on that when
+the sysctl is missing, and raises ``ConntrackUnavailable`` when it is still missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as E
+import os
+import select
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from invictusd.flows import Flow, FlowEvent, FlowKey
+from invictusd.io import ctnetlink as ct
+
+__all__ = [
+    "CommitResult",
+    "ConntrackUnavailable",
+    "DeleteResult",
+    "EventSocket",
+    "Injector",
+    "Overrun",
+    "dump",
+    "set_conntrack_events",
+]
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+# The kernel never queues a netlink datagram larger than this for ctnetlink (events use
+# NLMSG_GOODSIZE, dumps at most 32 KiB); keep this much room free before each recv.
+_MAX_DATAGRAM = 64 * 1024
+
+
+class Overrun(Exception):
+    """The kernel dropped events (ENOBUFS): the caller must resync by a full dump.
+
+    ``events`` holds what was read before the overrun was reported; they are valid.
+    """
+
+    def __init__(self, events: list[FlowEvent]) -> None:
+        super().__init__(f"conntrack event socket overrun after {len(events)} events")
+        self.events = events
+
+
+class ConntrackUnavailable(OSError):
+    """nf_conntrack is not available in this kernel/namespace."""
+
+
+def _netlink_socket(rcvbuf: int, sndbuf: int, nonblocking: bool) -> socket.socket:
+    kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
+    if nonblocking:
+        kind |= socket.SOCK_NONBLOCK
+    sock = socket.socket(socket.AF_NETLINK, kind, NETLINK_NETFILTER)
+    try:
+        # *BUFFORCE ignores rmem_max/wmem_max (we run as root); the kernel doubles the value.
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class EventSocket:
+    """Conntrack NEW/UPDATE/DESTROY events, optionally only flows carrying ``mark_bit``.
+
+    Register ``fileno()`` with a reactor and call ``read()`` when readable. ``Overrun`` means
+    events were lost (count in ``overruns``): resync with ``dump()``. Each queued event costs
+    about 1.3 KB of receive buffer; size ``rcvbuf_bytes`` for the burst to absorb.
+    """
+
+    def __init__(
+        self,
+        rcvbuf_bytes: int = 64 << 20,
+        mark_bit: int | None = 30,
+        *,
+        buffer_bytes: int = 1 << 20,
+    ) -> None:
+        self.mark_mask = 0 if mark_bit is None else 1 << mark_bit
+        self.overruns = 0
+        self.events = 0
+        self._buf = bytearray(max(buffer_bytes, 2 * _MAX_DATAGRAM))
+        self._view = memoryview(self._buf)
+        self._sock = _netlink_socket(rcvbuf_bytes, 1 << 16, nonblocking=True)
+        try:
+            for group in (
+                NFNLGRP_CONNTRACK_NEW,
+                NFNLGRP_CONNTRACK_UPDATE,
+                NFNLGRP_CONNTRACK_DESTROY,
+            ):
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> list[FlowEvent]:
+        """Drain the socket without blocking; raises ``Overrun`` on ENOBUFS."""
+        recv_into = self._sock.recv_into
+        view = self._view
+        limit = len(self._buf) - _MAX_DATAGRAM
+        out: list[FlowEvent] = []
+        pos = 0
+        while True:
+            try:
+                n = recv_into(view[pos:], 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == E.ENOBUFS:
+                    self.overruns += 1
+                    self._flush(pos, out)
+                    raise Overrun(out) from None
+                raise
+            if n > len(self._buf) - pos:
+                # Cannot happen with ctnetlink's datagram sizes; never parse a truncated one.
+                raise ct.NetlinkError("datagram", pos, f"truncated: {n} bytes")
+            # Datagrams are placed 4-aligned, as the parser steps between messages.
+            pos = (pos + n + 3) & ~3
+            if pos > limit:
+                self._flush(pos, out)
+                pos = 0
+        self._flush(pos, out)
+        return out
+
+    def _flush(self, pos: int, out: list[FlowEvent]) -> None:
+        if pos:
+            events = ct.parse_messages(self._view, pos, self.mark_mask)
+            self.events += len(events)
+            out.extend(events)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> EventSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def set_conntrack_events(value: int = 1) -> int:
+    """Write ``nf_conntrack_events`` of the current namespace; return the previous value.
+
+    The default of 2 only reports entries created while a listener exists; 1 reports all, so
+    that entries older than the daemon still send UPDATE and DESTROY.
+    """
+    try:
+        with open(EVENTS_SYSCTL) as f:
+            previous = int(f.read())
+    except FileNotFoundError:
+        # A ctnetlink request makes nfnetlink load nf_conntrack_netlink and so nf_conntrack.
+        with contextlib.suppress(OSError):
+            dump(None)
+        try:
+            with open(EVENTS_SYSCTL) as f:
+                previous = int(f.read())
+        except FileNotFoundError:
+            raise ConntrackUnavailable(
+                E.ENOENT, "nf_conntrack not loaded (modprobe nf_conntrack)", EVENTS_SYSCTL
+            ) from None
+    with open(EVENTS_SYSCTL, "w") as f:
+        f.write(f"{value}\n")
+    return previous
+
+
+def dump(mark_bit: int | None = 30, *, family: int = ct.AF_UNSPEC, timeout_s: float = 10.0) -> list[Flow]:
+    """All conntrack entries (IPv4 and IPv6 by default) carrying ``mark_bit`` (None: all).
+
+    The mark filter runs in the kernel (CTA_MARK/CTA_MARK_MASK).
+    """
+    mask = 0 if mark_bit is None else 1 << mark_bit
+    sock = _netlink_socket(16 << 20, 1 << 16, nonblocking=False)
+    try:
+        sock.settimeout(timeout_s)
+        sock.send(ct.build_dump_request(1, family, mask, mask))
+        buf = bytearray(256 * 1024)
+        flows: list[Flow] = []
+        while True:
+            n = sock.recv_into(buf)
+            chunk, done = ct.parse_dump(buf, n, mask)
+            flows.extend(chunk)
+            if done:
+                return flows
+    finally:
+        sock.close()
+
+
+class CommitResult(NamedTuple):
+    created: int
+    updated: int
+    failed: int
+    errors: dict[int, int]  # errno -> count of final failures
+    duration_s: float
+
+
+class DeleteResult(NamedTuple):
+    deleted: int
+    failed: int
+    errors: dict[int, int]  # errno -> count (ENOENT: already gone)
+    duration_s: float
+
+
+class Injector:
+    """Persistent ctnetlink socket writing flows into the kernel table in large batches.
+
+    Messages are prebuilt and sent many per ``send`` (up to ``batch_bytes``). The kernel
+    processes a netlink send synchronously, so every ack of a batch is queued by the time
+    ``send`` returns; the receive buffer is sized for a whole batch of acks.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_bytes: int = 200_000,
+        be_liberal: bool = True,
+        default_timeout: int = ct.DEFAULT_TIMEOUT,
+        ack_timeout_s: float = 5.0,
+    ) -> None:
+        self.batch_bytes = batch_bytes
+        self.be_liberal = be_liberal
+        self.default_timeout = default_timeout
+        self.ack_timeout_s = ack_timeout_s
+        # An ack skb costs ~1 KB of receive buffer; a batch of ~200 B messages is ~1000 acks.
+        rcvbuf = max(8 << 20, batch_bytes * 16)
+        self._sock = _netlink_socket(rcvbuf, max(4 << 20, batch_bytes * 4), nonblocking=True)
+        # Error acks would otherwise echo the whole request back.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self._buf = bytearray(1 << 20)
+        self._seq = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+    def _next_seq(self, count: int) -> int:
+        base = self._seq
+        self._seq = (base + count) & 0xFFFFFFFF
+        return base
+
+    def _run(self, msgs: Sequence[bytes], base: int) -> dict[int, int]:
+        """Send ``msgs`` (seq = base + index) in batches; return index -> errno for each."""
+        results: dict[int, int] = {}
+        send = self._sock.send
+        limit = self.batch_bytes
+        batch: list[bytes] = []
+        size = 0
+        for msg in msgs:
+            if size + len(msg) > limit and batch:
+                send(b"".join(batch))
+                self._collect(len(batch), base, results)
+                batch, size = [], 0
+            batch.append(msg)
+            size += len(msg)
+        if batch:
+            send(b"".join(batch))
+            self._collect(len(batch), base, results)
+        return results
+
+    def _collect(self, expected: int, base: int, results: dict[int, int]) -> None:
+        got = 0
+        deadline = 0.0
+        recv_into = self._sock.recv_into
+        buf = self._buf
+        while got < expected:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                # Not expected (processing is synchronous), but never hang or spin.
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.ack_timeout_s
+                elif now >= deadline:
+                    return
+                select.select([self._sock], [], [], deadline - now)
+                continue
+            for seq, err in ct.parse_acks(buf, n):
+                results[(seq - base) & 0xFFFFFFFF] = err
+                got += 1
+
+    def commit(self, flows: Iterable[Flow]) -> CommitResult:
+        """Create each flow; an entry that exists (EEXIST) is updated by original tuple."""
+        t0 = time.perf_counter()
+        flow_list = flows if isinstance(flows, list) else list(flows)
+        base = self._next_seq(len(flow_list))
+        build = ct.build_create
+        liberal = self.be_liberal
+        dflt = self.default_timeout
+        msgs = [build(f, base + i, be_liberal=liberal, default_timeout=dflt) for i, f in enumerate(flow_list)]
+        results = self._run(msgs, base)
+        created = 0
+        failed = 0
+        errors: dict[int, int] = {}
+        retry: list[Flow] = []
+        for i, f in enumerate(flow_list):
+            err = results.get(i, E.ETIMEDOUT)
+            if err == 0:
+                created += 1
+            elif err == E.EEXIST:
+                retry.append(f)
+            else:
+                failed += 1
+                errors[err] = errors.get(err, 0) + 1
+        updated = 0
+        if retry:
+            base = self._next_seq(len(retry))
+            msgs = [
+                build(f, base + i, be_liberal=liberal, create=False, default_timeout=dflt)
+                for i, f in enumerate(retry)
+            ]
+            results = self._run(msgs, base)
+            keep_status: list[Flow] = []
+            for i, f in enumerate(retry):
+                err = results.get(i, E.ETIMEDOUT)
+                if err == 0:
+                    updated += 1
+                elif err == E.EBUSY:
+                    # The entry has SEEN_REPLY/ASSURED that our (older) state lacks; those
+                    # bits can only be set, so update everything but the status.
+                    keep_status.append(f)
+                else:
+                    failed += 1
+                    errors[err] = errors.get(err, 0) + 1
+            if keep_status:
+                base = self._next_seq(len(keep_status))
+                msgs = [
+                    build(
+                        f, base + i, be_liberal=liberal, create=False,
+                        default_timeout=dflt, with_status=False,
+                    )
+                    for i, f in enumerate(keep_status)
+                ]  # fmt: skip
+                results = self._run(msgs, base)
+                for i in range(len(keep_status)):
+                    err = results.get(i, E.ETIMEDOUT)
+                    if err == 0:
+                        updated += 1
+                    else:
+                        failed += 1
+                        errors[err] = errors.get(err, 0) + 1
+        return CommitResult(created, updated, failed, errors, time.perf_counter() - t0)
+
+    def delete(self, flows: Iterable[Flow | FlowKey]) -> DeleteResult:
+        """Delete entries by original tuple (and zone)."""
+        t0 = time.perf_counter()
+        items = flows if isinstance(flows, list) else list(flows)
+        base = self._next_seq(len(items))
+        msgs = [ct.build_delete(f, base + i) for i, f in enumerate(items)]
+        results = self._run(msgs, base)
+        deleted = failed = 0
+        errors: dict[int, int] = {}
+        for i in range(len(items)):
+            err = results.get(i, E.ETIMEDOUT)
+            if err == 0:
+                deleted += 1
+            else:
+                failed += 1
+                errors[err] = errors.get(err, 0) + 1
+        return DeleteResult(deleted, failed, errors, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Injector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
