@@ -16,8 +16,10 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -138,6 +140,22 @@ def netns(tag: str) -> Iterator[str]:
         delete(name)
 
 
+def exit_on_signals() -> None:
+    """Make SIGTERM and SIGHUP raise ``SystemExit``, so ``finally`` blocks and ``atexit`` run.
+
+    For programs that build a lab and may be stopped by a signal (the demo, benchmarks):
+    by default those signals end Python without any cleanup. Signals that already have a
+    handler are left alone. Call from the main thread.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _exit)
+
+
 def exists(name: str) -> bool:
     return os.path.exists(f"/run/netns/{name}")
 
@@ -148,9 +166,22 @@ def listed() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.split()]
 
 
+WORKDIR_PREFIX = "ivdlab-"
+
+
+def make_workdir() -> str:
+    """A temporary directory named after this process, so ``sweep_stale`` can find it."""
+    return tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+
+
 def sweep_stale() -> list[str]:
-    """Remove namespaces left by runs whose process is gone."""
+    """Remove namespaces (and lab work directories) left by runs whose process is gone."""
     removed = []
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        m = re.match(rf"^{WORKDIR_PREFIX}(\d+)-", entry)
+        if m and int(m.group(1)) != os.getpid() and not os.path.exists(f"/proc/{m.group(1)}"):
+            shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
     for name in listed():
         m = _NAME.match(name)
         if not m:

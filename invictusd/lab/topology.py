@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -341,7 +340,7 @@ class Lab:
     def __init__(self, config: LabConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or LabConfig(), **overrides)
         self.names: dict[str, str] = {}
-        self.workdir = Path(tempfile.mkdtemp(prefix="ivdlab-"))
+        self.workdir = Path(netns.make_workdir())
         self._procs: list[subprocess.Popen[Any]] = []
         self._server: subprocess.Popen[str] | None = None
         self._closed = False
