@@ -135,7 +135,7 @@ class _Reader:
         self.used: set[str] = set()
 
     def err(self, key: str, message: str) -> ConfigError:
-        full = f"{self.where}.{key}" if key else self.where
+        full = f"{self.where}.{key}" if key and self.where else key or self.where
         line = self.lines.get(full) or self.lines.get(self.where)
         return ConfigError(self.path, line, full, message)
 
@@ -163,7 +163,11 @@ class _Reader:
         return value
 
     def number(self, key: str, lo: float, hi: float, default: float) -> float:
-        value = float(self.get(key, (int, float), default))
+        raw = self.get(key, (int, float), default)
+        try:
+            value = float(raw)
+        except OverflowError:  # TOML integers are unbounded in tomllib
+            raise self.err(key, f"{str(raw)[:20]}... is out of range {lo}..{hi}") from None
         if not lo <= value <= hi:
             raise self.err(key, f"{value} is out of range {lo}..{hi}")
         return value
@@ -188,6 +192,8 @@ def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[st
         data = path.read_bytes()
     except OSError as e:
         raise r.err(key, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # a NUL in the name: os.stat refuses it before any I/O
+        raise r.err(key, f"cannot read {str(path)!r}: {e}") from None
     if key.endswith("_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
         warnings.append(f"{path} ({r.where}.{key}) is readable by group or others; chmod 600 it")
     return data.rstrip(b"\r\n")
@@ -275,10 +281,17 @@ def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
     return secret
 
 
+SYNC_KEYS = frozenset({
+    "enabled", "interface", "peer_address", "mark_bit", "port", "key_file", "key_credential",
+    "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "commit_timeout_min",
+})
+
+
 def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str]) -> SyncConfig:
     enabled = r.get("enabled", bool, False)
     if not enabled:
-        r.used.update(r.table)  # a disabled table may keep its settings for later
+        # A disabled table may keep its settings for later, but a misspelt key is still an error.
+        r.used.update(k for k in r.table if k in SYNC_KEYS)
         return SyncConfig(enabled=False)
     interface = r.get("interface", str)
     for v in vrrp:
@@ -325,7 +338,7 @@ def parse(text: str, path: str = "<config>") -> Config:
     lines = _key_lines(text)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: int over 4300 digits
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(path, int(m.group(1)) if m else None, "toml", str(e)) from None
     base = Path(path).parent
@@ -362,7 +375,8 @@ def parse(text: str, path: str = "<config>") -> Config:
                 )
             shared = {a.ip for a in prev.virtual_addresses} & {a.ip for a in v.virtual_addresses}
             if shared:
-                raise vr.err("virtual_address", f"{sorted(map(str, shared))} also in vrrp[{j}]")
+                key = "virtual_address" if "virtual_address" in t else "virtual_addresses"
+                raise vr.err(key, f"{sorted(map(str, shared))} also in vrrp[{j}]")
         vrrp.append(v)
 
     sr = _Reader(path, lines, "sync", top.get("sync", dict, {"enabled": False}))

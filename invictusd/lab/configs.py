@@ -1,0 +1,80 @@
+"""invictusd configuration files for the two firewalls of a ``Lab``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from invictusd.lab.topology import Lab
+
+LAN_VRID = 51
+WAN_VRID = 52
+PASSWORD = "s3cret"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def daemon_config(
+    lab: Lab,
+    node: str,
+    *,
+    start_as_master: bool = False,
+    sync: bool = False,
+    vrrp_extra: dict[str, Any] | None = None,
+    sync_extra: dict[str, Any] | None = None,
+    interfaces: tuple[str, ...] = ("lan", "wan"),
+    password: str = PASSWORD,
+) -> str:
+    """The TOML of ``node`` (fw1 or fw2): LAN and WAN in one group, optional sync."""
+    c = lab.config
+    i = 0 if node == "fw1" else 1
+    tables = {
+        "lan": (c.lan_if, c.fw_lan_ips[i], c.lan_vip, LAN_VRID),
+        "wan": (c.wan_if, c.fw_wan_ips[i], c.wan_vip, WAN_VRID),
+    }
+    lines = [
+        "[node]",
+        f'name = "{node}"',
+        f'control_socket = "{control_socket(lab, node)}"',
+        "",
+    ]
+    for which in interfaces:
+        ifname, real, vip, vrid = tables[which]
+        lines += [
+            "[[vrrp]]",
+            f'interface = "{ifname}"',
+            f'real_address = "{real}"',
+            f'virtual_address = "{vip}/{c.prefix4}"',
+            f"virtual_id = {vrid}",
+            f'password = "{password}"',
+            f"start_as_master = {_toml_value(start_as_master)}",
+        ]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in (vrrp_extra or {}).items()]
+        lines.append("")
+    lines += ["[sync]", f"enabled = {_toml_value(sync)}"]
+    if sync:
+        lines += [
+            f'interface = "{c.sync_if}"',
+            f'peer_address = "{c.sync_ips[1 - i]}"',
+            "mark_bit = 30",
+        ]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in (sync_extra or {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def control_socket(lab: Lab, node: str) -> str:
+    return str(lab.workdir / f"{node}.sock")
+
+
+def write_config(lab: Lab, node: str, **kw: Any) -> Path:
+    path = lab.write_file(f"{node}.toml", daemon_config(lab, node, **kw))
+    path.chmod(0o600)
+    return path
