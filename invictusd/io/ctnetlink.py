@@ -42,6 +42,7 @@ __all__ = [
     "parse_acks",
     "parse_dump",
     "parse_messages",
+    "with_ack",
 ]
 
 # --- netlink -------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ _NLA = struct.Struct("=HH")
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 _I32 = struct.Struct("=i")
+_H16 = struct.Struct("=H")
 
 _nlmsghdr = _NLMSGHDR.unpack_from
 _nla = _NLA.unpack_from
@@ -651,6 +653,7 @@ def build_create(
     create: bool = True,
     default_timeout: int = DEFAULT_TIMEOUT,
     with_status: bool = True,
+    ack: bool = True,
 ) -> bytes:
     """IPCTNL_MSG_CT_NEW injecting ``flow``.
 
@@ -666,6 +669,9 @@ def build_create(
     always sent and EXPECTED never. SEEN_REPLY and ASSURED can only be set: an update whose
     status lacks a bit the entry already has fails with EBUSY; ``with_status=False`` leaves
     the status alone (the retry for that case).
+
+    ``ack=False`` drops NLM_F_ACK: the kernel then answers only failures (used for batches
+    where one acked message at the end serves as a barrier).
     """
     o = flow.orig
     family = AF_INET6 if o.family == 6 else AF_INET
@@ -691,16 +697,16 @@ def build_create(
                 nat_attrs(flow),
             )
         )
-        flags = _FLAGS_CREATE
+        flags = _FLAGS_CREATE if ack else _FLAGS_CREATE & ~NLM_F_ACK
     else:
         zone = _ZONE.pack(_H_ZONE, o.zone) if o.zone else b""
         body = b"".join((_pack_tuple(o, CTA_TUPLE_ORIG, False), zone, scalars, tcp))
-        flags = _FLAGS_UPDATE
+        flags = _FLAGS_UPDATE if ack else NLM_F_REQUEST
     return _MSGHDR.pack(20 + len(body), CT_NEW, flags, seq & 0xFFFFFFFF, 0, family, 0, 0) + body
 
 
-def build_delete(flow_or_key: Flow | FlowKey, seq: int) -> bytes:
-    """IPCTNL_MSG_CT_DELETE by original tuple (and zone), acked."""
+def build_delete(flow_or_key: Flow | FlowKey, seq: int, *, ack: bool = True) -> bytes:
+    """IPCTNL_MSG_CT_DELETE by original tuple (and zone)."""
     key = flow_or_key.orig if isinstance(flow_or_key, Flow) else flow_or_key
     family = AF_INET6 if key.family == 6 else AF_INET
     zone = _ZONE.pack(_H_ZONE, key.zone) if key.zone else b""
@@ -709,7 +715,7 @@ def build_delete(flow_or_key: Flow | FlowKey, seq: int) -> bytes:
         _MSGHDR.pack(
             20 + len(body),
             CT_DELETE,
-            NLM_F_REQUEST | NLM_F_ACK,
+            NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST,
             seq & 0xFFFFFFFF,
             0,
             family,
@@ -722,6 +728,12 @@ def build_delete(flow_or_key: Flow | FlowKey, seq: int) -> bytes:
 
 _MARK_FILTER = struct.Struct(">IIII")
 _H_MARK_MASK = _h(8, CTA_MARK_MASK)
+
+
+def with_ack(msg: bytes) -> bytes:
+    """``msg`` with NLM_F_ACK set (turns the last message of a batch into a barrier)."""
+    flags: int = _H16.unpack_from(msg, 6)[0]
+    return msg[:6] + _H16.pack(flags | NLM_F_ACK) + msg[8:]
 
 
 def build_dump_request(seq: int, family: int = AF_UNSPEC, mark: int = 0, mark_mask: int = 0) -> bytes:

@@ -54,9 +54,7 @@ class Links:
 
     async def snapshot(self) -> tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]]:
         """(interface -> LinkInfo, interface -> ifindex, interface -> link up)."""
-        result: tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]] = await self._call(
-            self._snapshot
-        )
+        result: tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]] = await self._call(self._snapshot)
         return result
 
     def _change(self, op: str, ifindex: int, addrs: list[IPv4If]) -> list[str]:

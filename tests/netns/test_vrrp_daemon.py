@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from invictusd.lab.configs import LAN_VRID, PASSWORD, WAN_VRID
 from invictusd.vrrp import packet
@@ -311,6 +312,13 @@ def _lan_holder(pair: Pair) -> set[str]:
             if any(a.split("/")[0] == c.lan_vip for a in pair.lab.addresses(n, c.lan_if))}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def _stop_keepalived(pair: Pair, ka: subprocess.Popen[bytes], sig: int) -> None:
     """Signal keepalived's parent and its VRRP child (a SIGKILLed parent alone lets the child
     leave gracefully), then clear what a killed keepalived leaves behind."""
@@ -323,9 +331,7 @@ def _stop_keepalived(pair: Pair, ka: subprocess.Popen[bytes], sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     ka.wait(10)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
-                             "Z" not in open(f"/proc/{p}/stat").read().split()[2] for p in pids),
-             5, what="keepalived processes gone")
+    wait_for(lambda: not any(_alive(p) for p in pids), 5, what="keepalived processes gone")
     for name in ("ka.pid", "ka-vrrp.pid"):
         (d / name).unlink(missing_ok=True)
     if sig == signal.SIGKILL:
