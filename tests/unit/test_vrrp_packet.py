@@ -149,7 +149,8 @@ def test_checksum_edge_values() -> None:
 
 def test_checksum_does_not_mutate_a_bytearray() -> None:
     buf = bytearray(b"\x01\x02\x03")
-    assert checksum(buf) == checksum(b"\x01\x02\x03\x00")
+    # a recv_into buffer is a bytearray, whatever the annotation says
+    assert checksum(buf) == checksum(b"\x01\x02\x03\x00")  # type: ignore[arg-type]
     assert buf == bytearray(b"\x01\x02\x03")
 
 
@@ -304,7 +305,7 @@ def _vreason(ttl: int, adv: Advertisement, expect: Expect = EXPECT) -> DropReaso
 
 
 def test_validate_accepts_matching_advert() -> None:
-    assert validate(255, ADV, EXPECT) is None
+    validate(255, ADV, EXPECT)  # no PacketError
 
 
 @pytest.mark.parametrize("ttl", [0, 1, 64, 254])
@@ -387,7 +388,7 @@ def test_validate_addresses_order_does_not_matter() -> None:
 
 def test_validate_owner_address_mismatch_accepted() -> None:
     adv = Advertisement(51, 255, (A("10.77.0.99"),), 1, AUTH_PASSWORD, b"secret")
-    assert validate(255, adv, EXPECT) is None
+    validate(255, adv, EXPECT)  # no PacketError
     # ...but the owner still has to get everything else right.
     adv_bad = Advertisement(51, 255, (A("10.77.0.99"),), 2, AUTH_PASSWORD, b"secret")
     assert _vreason(255, adv_bad) is DropReason.INTERVAL
