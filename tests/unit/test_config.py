@@ -4,7 +4,6 @@ secrets from files, and the system checks against a plain-data interface snapsho
 from __future__ import annotations
 
 import os
-import tempfile
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -724,8 +723,9 @@ def test_check_system_disabled_sync_ignores_missing_interface() -> None:
 
 # ---- properties --------------------------------------------------------------------------
 
-_FUZZ_DIR = tempfile.mkdtemp(prefix="invictusd-config-fuzz-")
-_FUZZ_PATH = os.path.join(_FUZZ_DIR, "c.toml")
+# Relative *_file names resolve against a directory that does not exist: the fuzzer never
+# reads a real file.
+_FUZZ_PATH = "/nonexistent-invictusd-fuzz/c.toml"
 
 
 def _parse_or_config_error(text: str) -> None:
