@@ -179,9 +179,15 @@ def format_status(s: dict[str, Any]) -> str:
             f"  peer entries {sync.get('peer_entries')}  local entries {sync.get('local_entries')}"
             f"  last commit {commit}"
         )
-        counters = sync.get("counters", {})
+        counters = {k: v for k, v in sync.get("counters", {}).items() if v}
         if counters:
             lines.append("           " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
+        rates = sync.get("rates") or {}
+        lines.append(
+            f"           {rates.get('events', 0)} events/s, {rates.get('tx_bytes', 0)} B/s out, "
+            f"queue {sync.get('queue_depth', 0)}, lag {sync.get('lag', 0)}s, "
+            f"{sync.get('bytes_per_entry') or '-'} B per held entry"
+        )
     loop = s.get("loop", {})
     lines.append(f"  loop     stalls {loop.get('stalls', 0)}, max lag {loop.get('max_lag_ms', 0)} ms")
     return "\n".join(lines)

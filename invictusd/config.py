@@ -373,6 +373,13 @@ def parse(text: str, path: str = "<config>") -> Config:
                     "start_as_master",
                     "must be the same in every [[vrrp]] table: they move as one group",
                 )
+            for k in ("priority", "preempt", "advert_interval"):
+                if getattr(prev, k) != getattr(v, k):
+                    raise vr.err(
+                        k if k in t else "start_as_master",
+                        f"{getattr(v, k)} differs from vrrp[{j}] ({getattr(prev, k)}); every "
+                        "[[vrrp]] table of a node moves as one group and must agree",
+                    )
             shared = {a.ip for a in prev.virtual_addresses} & {a.ip for a in v.virtual_addresses}
             if shared:
                 key = "virtual_address" if "virtual_address" in t else "virtual_addresses"

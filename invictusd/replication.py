@@ -1,0 +1,360 @@
+"""Conntrack replication wired to the daemon: kernel events -> session -> UDP, and back.
+
+The sans-IO ``SyncSession`` does all protocol work; this adapter feeds it the kernel's
+marked conntrack events (raw ctnetlink, ``invictusd.io.conntrack``), the peer's datagrams
+and the time, sends what it asks to send, and commits the peer's table into the kernel when
+the VRRP machine becomes master (``commit``, awaited by the daemon *before* it adds the
+virtual addresses).
+
+While the peer's bulk table is not complete (our start, the peer's restart) or the sync
+link is down, VRRP preemption is held (pfsync's demotion): a node never takes mastership
+back with an incomplete table. Taking over from a *dead* master is never held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from invictusd import log
+from invictusd.config import Config
+from invictusd.flows import Flow, FlowEvent
+from invictusd.io.conntrack import (
+    EventSocket,
+    Injector,
+    Overrun,
+    dump,
+    set_conntrack_events,
+)
+from invictusd.io.markrule import MarkRuleError, install_mark_rule, remove_mark_rule
+from invictusd.io.sync_socket import SyncSocket
+from invictusd.sync.session import SessionConfig, SessionEventKind, SyncSession
+
+if TYPE_CHECKING:
+    from invictusd.daemon import Daemon
+
+# How long preemption waits for the peer's bulk table before giving up (the peer may be
+# gone for good; then there is nothing to wait for).
+BULK_HOLD_MAX = 15.0
+RATE_WINDOW = 1.0
+
+
+def _node_id(address: ipaddress.IPv4Address) -> int:
+    return int(address) & 0xFFFF
+
+
+class Replication:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.sync = cfg.sync
+        self.log = log.get(node=cfg.node.name, component="sync")
+        self.daemon: Daemon | None = None
+        self.session: SyncSession | None = None
+        self.sock: SyncSocket | None = None
+        self.events: EventSocket | None = None
+        self.injector: Injector | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
+        self._timer: asyncio.TimerHandle | None = None
+        self._dumping = False
+        self._held: list[FlowEvent] = []
+        self._link_up = True
+        self._sync_ifindex: int | None = None
+        self._started = 0.0
+        self._bulk_hold_until = 0.0
+        self.overruns = 0
+        self.dumps = 0
+        self.last_commit: dict[str, Any] | None = None
+        self._rates: dict[str, float] = {}
+        self._rate_base: tuple[float, dict[str, int]] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._epoch = int.from_bytes(os.urandom(8), "big") | 1
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        infos, ifindex, link_up = await daemon.links.snapshot()
+        peer = self.sync.peer_address
+        assert peer is not None
+        local = next(a.ip for a in infos[self.sync.interface].addresses if peer in a.network)
+        self._sync_ifindex = ifindex[self.sync.interface]
+        self._link_up = link_up.get(self.sync.interface, False)
+
+        if self.sync.install_mark_rule:
+            try:
+                await loop.run_in_executor(self._pool, install_mark_rule, self.sync.mark_bit)
+            except MarkRuleError as e:
+                self.log.error("mark rule not installed; nothing will be replicated", error=str(e))
+            else:
+                self.log.info("mark rule installed", table="inet invictusd",
+                              mark=f"0x{1 << self.sync.mark_bit:08x}")
+        previous = await loop.run_in_executor(self._pool, set_conntrack_events, 1)
+        if previous != 1:
+            self.log.info("nf_conntrack_events set to 1", previous=previous)
+
+        self.session = SyncSession(
+            SessionConfig(
+                node_id=_node_id(local),
+                key=self.sync.key,
+                flush_delay=self.sync.flush_ms / 1000,
+                peer_node_id=_node_id(peer),
+            ),
+            epoch=self._epoch,
+            now=now,
+        )
+        self.session.link_changed(self._link_up, now)
+        self.sock = SyncSocket(self.sync.interface, local, peer, self.sync.port)
+        loop.add_reader(self.sock.fileno(), self._on_datagrams)
+        self.events = EventSocket(rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit)
+        loop.add_reader(self.events.fileno(), self._on_events)
+        self.injector = await loop.run_in_executor(
+            self._pool, lambda: Injector(default_timeout=self.sync.commit_timeout_min)
+        )
+        self._started = now
+        self._bulk_hold_until = now + BULK_HOLD_MAX
+        daemon.set_demoted(True, "waiting for the peer's connection table")
+        self._spawn(self._resync_from_kernel("start"))
+        self._spawn(self._periodic())
+        self.log.info("replication started", interface=self.sync.interface, local=str(local),
+                      peer=str(peer), port=self.sync.port, key=self.sync.key_source,
+                      mark_bit=self.sync.mark_bit)
+        self._pump()
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in self._tasks:
+            t.cancel()
+        if self.session is not None and self.sock is not None:
+            # Flush what is queued so the peer holds our latest table.
+            for d in self.session.datagrams_to_send(loop.time()):
+                self.sock.send(d)
+        for s in (self.sock, self.events):
+            if s is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(s.fileno())
+                s.close()
+        if self.injector is not None:
+            self.injector.close()
+        if self.sync.install_mark_rule:
+            await loop.run_in_executor(self._pool, remove_mark_rule)
+        self._pool.shutdown(wait=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- inputs ------------------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        assert self.events is not None and self.session is not None
+        try:
+            batch = self.events.read()
+        except Overrun as e:
+            self.overruns += 1
+            self.log.warning("conntrack event overrun: events were lost; resyncing by dump",
+                             overruns=self.overruns)
+            self._feed(e.events)
+            self._spawn(self._resync_from_kernel("netlink overrun"))
+            return
+        self._feed(batch)
+
+    def _feed(self, batch: list[FlowEvent]) -> None:
+        assert self.session is not None
+        if not batch:
+            return
+        if self._dumping:
+            # Newer than the dump under way: applied after it, or the dump would undo them.
+            self._held.extend(batch)
+            return
+        self.session.local_events(batch, asyncio.get_running_loop().time())
+        self._pump()
+
+    async def _resync_from_kernel(self, why: str) -> None:
+        if self._dumping:
+            return
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        self._dumping = True
+        t0 = time.perf_counter()
+        try:
+            flows = await loop.run_in_executor(self._pool, dump, self.sync.mark_bit)
+        except OSError as e:
+            self.log.error("conntrack dump failed", reason=why, error=str(e))
+            self._dumping = False
+            return
+        self.dumps += 1
+        now = loop.time()
+        self.session.local_resync(flows, now)
+        held, self._held, self._dumping = self._held, [], False
+        if held:
+            self.session.local_events(held, now)
+        self.log.info("local table read from the kernel", reason=why, entries=len(flows),
+                      seconds=round(time.perf_counter() - t0, 3))
+        self._pump()
+
+    def _on_datagrams(self) -> None:
+        assert self.sock is not None and self.session is not None
+        now = asyncio.get_running_loop().time()
+        got = False
+        while (data := self.sock.recv()) is not None:
+            self.session.datagram_received(data, now)
+            got = True
+        if got:
+            self._pump()
+
+    def link_changed(self, ifindex: int, up: bool) -> None:
+        if ifindex != self._sync_ifindex or up == self._link_up or self.session is None:
+            return
+        self._link_up = up
+        self.log.warning("sync link " + ("up" if up else "down"), interface=self.sync.interface)
+        self.session.link_changed(up, asyncio.get_running_loop().time())
+        self._pump()
+
+    # ---- outputs -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        assert self.session is not None and self.sock is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for d in self.session.datagrams_to_send(now):
+            self.sock.send(d)
+        for ev in self.session.pop_events():
+            self._on_session_event(ev.kind, ev.detail)
+        self._update_demotion(now)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.session.next_deadline()
+        if deadline is not None:
+            self._timer = loop.call_at(max(deadline, now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self.session is not None
+        self._timer = None
+        self.session.timer(asyncio.get_running_loop().time())
+        self._pump()
+
+    def _on_session_event(self, kind: SessionEventKind, detail: str) -> None:
+        quiet = {SessionEventKind.RESYNC_SENT, SessionEventKind.PEER_RESYNC_STARTED}
+        bad = {SessionEventKind.DIVERGENCE, SessionEventKind.OVERFLOW, SessionEventKind.PEER_DEAD}
+        fn = self.log.debug if kind in quiet else self.log.warning if kind in bad else self.log.info
+        fn("sync " + kind.value.replace("_", " "), detail=detail or None,
+           peer_entries=self.session.peer_count if self.session else None)
+
+    def _update_demotion(self, now: float) -> None:
+        assert self.session is not None and self.daemon is not None
+        if not self._link_up:
+            want, why = True, f"sync link {self.sync.interface} is down"
+        elif not self.session.synced and now < self._bulk_hold_until:
+            want, why = True, "waiting for the peer's connection table"
+        else:
+            want, why = False, ""
+        machine = self.daemon.machine
+        if machine is not None and (machine.demoted != want or machine.demoted_reason != why):
+            self.daemon.set_demoted(want, why)
+
+    async def _periodic(self) -> None:
+        """Rates for status, the bulk-hold timeout, and the optional periodic resync."""
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self.sync.resync_interval if self.sync.resync_interval else None
+        while True:
+            await asyncio.sleep(RATE_WINDOW)
+            now = loop.time()
+            counters = self.session.status().get("counters", {})
+            if self._rate_base is not None:
+                t0, base = self._rate_base
+                dt = max(now - t0, 1e-6)
+                self._rates = {k: round((counters.get(k, 0) - base.get(k, 0)) / dt, 1)
+                               for k in ("events", "tx_bytes", "rx_bytes", "tx_datagrams")}
+            self._rate_base = (now, dict(counters))
+            self._update_demotion(now)
+            if next_resync is not None and now >= next_resync:
+                next_resync = now + self.sync.resync_interval
+                await self._resync_from_kernel("periodic")
+
+    # ---- takeover ----------------------------------------------------------------------
+
+    async def commit(self) -> dict[str, Any]:
+        """Put the peer's replicated table into our kernel; returns what happened."""
+        assert self.session is not None and self.injector is not None
+        flows: list[Flow] = list(self.session.peer_flows().values())
+        floor = self.sync.commit_timeout_min
+        # The peer's timeouts are as of its last event; a live flow refreshes its timer on
+        # every packet without an event, so never commit less than the floor.
+        flows = [f if f.timeout >= floor else f._replace(timeout=floor) for f in flows]
+        loop = asyncio.get_running_loop()
+        injector = self.injector
+        t0 = time.perf_counter()
+        result = await loop.run_in_executor(self._pool, injector.commit, flows)
+        duration = (time.perf_counter() - t0) * 1000
+        self.last_commit = {
+            "entries": len(flows), "duration_ms": round(duration, 2),
+            "created": result.created, "updated": result.updated, "failed": result.failed,
+            "errors": {str(k): v for k, v in result.errors.items()},
+        }
+        fn = self.log.warning if result.failed else self.log.info
+        fn("replica committed to the kernel", **self.last_commit)
+        return self.last_commit
+
+    def became_master(self) -> None:
+        """Nothing to do here: the commit is an action of its own, ordered before the VIPs."""
+
+    def became_backup(self) -> None:
+        """The kernel keeps its entries; they age out or come back with the next takeover."""
+
+    # ---- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        s = self.session.status() if self.session is not None else {}
+        counters = dict(s.pop("counters", {}))
+        counters.update({
+            "netlink_overruns": self.overruns,
+            "kernel_dumps": self.dumps,
+            "foreign_datagrams": self.sock.foreign if self.sock else 0,
+            "send_errors": self.sock.send_errors if self.sock else 0,
+            "events_overrun": self.events.overruns if self.events else 0,
+        })
+        peer_entries = self.session.peer_count if self.session else 0
+        return {
+            **s,
+            "peer": str(self.sync.peer_address),
+            "interface": self.sync.interface,
+            "link_up": self._link_up,
+            "epoch": f"{self._epoch:016x}",
+            "peer_entries": peer_entries,
+            "local_entries": self.session.local_count if self.session else 0,
+            "synced": self.session.synced if self.session else False,
+            "last_commit": self.last_commit,
+            "rates": self._rates,
+            "bytes_per_entry": _bytes_per_entry(self.session),
+            "counters": counters,
+        }
+
+
+def _bytes_per_entry(session: SyncSession | None) -> int | None:
+    """Memory one held peer entry costs (its key, flow tuples, address bytes, dict slot)."""
+    if session is None:
+        return None
+    flows = session.peer_flows()
+    if not flows:
+        return None
+    key, flow = next(iter(flows.items()))
+    objs: list[Any] = [flow, flow.orig, flow.reply, flow.orig.src, flow.orig.dst]
+    if key is not flow.orig:
+        objs.append(key)
+    if flow.reply.src is not flow.orig.dst:
+        objs += [flow.reply.src, flow.reply.dst]
+    dict_slot = sys.getsizeof(flows) // max(len(flows), 1)
+    return sum(sys.getsizeof(o) for o in objs) + dict_slot
