@@ -39,6 +39,7 @@ __all__ = [
     "build_delete",
     "build_dump_request",
     "nat_attrs",
+    "parse_ack1",
     "parse_acks",
     "parse_dump",
     "parse_messages",
@@ -453,6 +454,22 @@ def parse_acks(buf: bytes | bytearray | memoryview, nbytes: int | None = None) -
     return out
 
 
+_ACK = struct.Struct("=IHHIIi")
+
+
+def parse_ack1(buf: bytes | bytearray | memoryview, nbytes: int) -> tuple[int, int] | None:
+    """``(seq, errno)`` when ``buf[:nbytes]`` is exactly one NLMSG_ERROR, else None.
+
+    The cheap path for the one-datagram-per-answer stream an injector reads.
+    """
+    if nbytes < _ACK.size:
+        return None
+    mlen, mtype, _flags, seq, _pid, err = _ACK.unpack_from(buf)
+    if mtype != NLMSG_ERROR or mlen != nbytes:
+        return None
+    return seq, -err
+
+
 # --- encoding ------------------------------------------------------------------------------
 def _h(length: int, atype: int, nested: bool = False) -> int:
     """An attribute header as the big-endian u32 whose bytes equal the host-order header."""
@@ -569,6 +586,7 @@ def _zone_attrs(orig: FlowKey, reply: FlowKey | None) -> tuple[bytes, bool]:
 _SCALARS = struct.Struct(">IIIIII")  # CTA_STATUS, CTA_TIMEOUT, CTA_MARK
 _SCALARS_NO_STATUS = struct.Struct(">IIII")  # CTA_TIMEOUT, CTA_MARK
 _STATUS_SENT = F.IPS_SETTABLE & ~F.IPS_EXPECTED
+_CONFIRMED = F.IPS_CONFIRMED
 _H_STATUS = _h(8, CTA_STATUS)
 _H_TIMEOUT = _h(8, CTA_TIMEOUT)
 _H_MARK = _h(8, CTA_MARK)
@@ -642,7 +660,34 @@ def nat_attrs(flow: Flow) -> bytes:
 
 
 _FLAGS_CREATE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+_FLAGS_CREATE_NOACK = _FLAGS_CREATE & ~NLM_F_ACK
 _FLAGS_UPDATE = NLM_F_REQUEST | NLM_F_ACK
+
+
+def _create_template(v6: bool) -> tuple[struct.Struct, int, tuple[int, ...], int, int, int]:
+    """Both port tuples plus status/timeout/mark as one struct, for the no-NAT fast path."""
+    st, hdrs = _TUPLES[v6, False]
+    body = struct.Struct(">" + st.format[1:] * 2 + _SCALARS.format[1:])
+    return (
+        body,
+        _MSGHDR.size + body.size,
+        hdrs,
+        _TUPLE_HDR[(v6, False), CTA_TUPLE_ORIG],
+        _TUPLE_HDR[(v6, False), CTA_TUPLE_REPLY],
+        AF_INET6 if v6 else AF_INET,
+    )
+
+
+_CREATE4 = _create_template(False)
+_CREATE6 = _create_template(True)
+_TCP_INFO_CACHE = {
+    (state, liberal): _tcp_protoinfo(state, liberal) for state in range(16) for liberal in (False, True)
+}
+
+
+def _tcp_info_bytes(state: int, be_liberal: bool) -> bytes:
+    cached = _TCP_INFO_CACHE.get((state, be_liberal))
+    return cached if cached is not None else _tcp_protoinfo(state, be_liberal)
 
 
 def build_create(
@@ -674,14 +719,47 @@ def build_create(
     where one acked message at the end serves as a barrier).
     """
     o = flow.orig
-    family = AF_INET6 if o.family == 6 else AF_INET
     timeout = flow.timeout if flow.timeout > 0 else default_timeout
+    r = flow.reply
+    proto = o.proto
+    if (
+        create
+        and with_status
+        and proto != 1  # IPPROTO_ICMP
+        and proto != 58  # IPPROTO_ICMPV6
+        and r.src == o.dst
+        and r.dst == o.src
+        and r.sport == o.dport
+        and r.dport == o.sport
+        and not o.zone
+        and not r.zone
+    ):
+        # Common case (no NAT, no zone, ports): the whole message in two packs.
+        fam = o.family
+        src, dst = o.src, o.dst
+        if fam == 4 and len(src) == 4 and len(dst) == 4:
+            st, size, h, ho, hr, family = _CREATE4
+        elif fam == 6 and len(src) == 16 and len(dst) == 16:
+            st, size, h, ho, hr, family = _CREATE6
+        else:
+            _check_key(o)
+            raise AssertionError("unreachable")
+        tcp = _tcp_info_bytes(flow.tcp_state, be_liberal) if proto == 6 else b""
+        flags = _FLAGS_CREATE if ack else _FLAGS_CREATE_NOACK
+        head = _MSGHDR.pack(size + len(tcp), CT_NEW, flags, seq & 0xFFFFFFFF, 0, family, 0, 0)
+        body = st.pack(
+            ho, h[0], h[1], src, h[2], dst, h[3], h[4], proto, h[5], o.sport, h[6], o.dport,
+            hr, h[0], h[1], dst, h[2], src, h[3], h[4], proto, h[5], o.dport, h[6], o.sport,
+            _H_STATUS, flow.status & _STATUS_SENT | _CONFIRMED, _H_TIMEOUT, timeout, _H_MARK, flow.mark,
+        )  # fmt: skip
+        return head + body + tcp
+    family = AF_INET6 if o.family == 6 else AF_INET
     if with_status:
         status = flow.status & _STATUS_SENT | F.IPS_CONFIRMED
         scalars = _SCALARS.pack(_H_STATUS, status, _H_TIMEOUT, timeout, _H_MARK, flow.mark)
     else:
         scalars = _SCALARS_NO_STATUS.pack(_H_TIMEOUT, timeout, _H_MARK, flow.mark)
-    tcp = _tcp_protoinfo(flow.tcp_state, be_liberal) if o.proto == F.IPPROTO_TCP else b""
+    tcp = _tcp_info_bytes(flow.tcp_state, be_liberal) if proto == F.IPPROTO_TCP else b""
     if create:
         zone, tuple_zone = _zone_attrs(o, flow.reply)
         r = F.inverse(o)
@@ -697,7 +775,7 @@ def build_create(
                 nat_attrs(flow),
             )
         )
-        flags = _FLAGS_CREATE if ack else _FLAGS_CREATE & ~NLM_F_ACK
+        flags = _FLAGS_CREATE if ack else _FLAGS_CREATE_NOACK
     else:
         zone = _ZONE.pack(_H_ZONE, o.zone) if o.zone else b""
         body = b"".join((_pack_tuple(o, CTA_TUPLE_ORIG, False), zone, scalars, tcp))

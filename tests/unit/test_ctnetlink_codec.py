@@ -655,3 +655,18 @@ def test_nat_attrs_describe_the_reply(orig: FlowKey, other: FlowKey) -> None:
     assert (ct.CTA_NAT_DST in top) == dnat
     if dnat:
         assert nested(top[ct.CTA_NAT_DST])[minip] == reply.src
+
+
+def test_parse_ack1_and_with_ack() -> None:
+    assert ct.parse_ack1(VEC["ack_ok"], len(VEC["ack_ok"])) == (0x1234, 0)
+    assert ct.parse_ack1(VEC["ack_eexist"], len(VEC["ack_eexist"])) == (0x1235, errno.EEXIST)
+    both = VEC["ack_ok"] + VEC["ack_eexist"]
+    assert ct.parse_ack1(both, len(both)) is None  # more than one message: use parse_acks
+    assert ct.parse_ack1(VEC["tcp_new"], len(VEC["tcp_new"])) is None
+    assert ct.parse_ack1(b"\0" * 8, 8) is None
+    quiet = ct.build_create(TCP_FLOW, 0x1234, ack=False)
+    assert struct.unpack_from("=H", quiet, 6)[0] & ct.NLM_F_ACK == 0
+    assert ct.with_ack(quiet) == VEC["create_tcp"]
+    quiet_del = ct.build_delete(SNAT_FLOW, 9, ack=False)
+    assert ct.with_ack(quiet_del) == VEC["delete_tcp"]
+    assert ct.with_ack(ct.build_create(SNAT_FLOW, 8, create=False, ack=False)) == VEC["update_tcp"]
