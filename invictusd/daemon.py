@@ -61,6 +61,7 @@ class Replica(Protocol):
     def became_backup(self) -> None: ...
     def link_changed(self, ifindex: int, up: bool) -> None: ...
     def status(self) -> dict[str, Any]: ...
+    def tables(self) -> dict[str, Any]: ...
     async def stop(self) -> None: ...
 
 
@@ -456,6 +457,10 @@ class Daemon:
             return {"ok": True}
         if cmd == "reload":
             return await self.reload()
+        if cmd == "tables":
+            if self.replica is None:
+                return {"ok": False, "error": "replication is not enabled ([sync] enabled = false)"}
+            return {"ok": True, **self.replica.tables()}
         if cmd == "stall" and os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
             # Test hook: block the event loop to prove stall detection and the watchdog.
             time.sleep(float(request.get("seconds", 2.0)))
@@ -557,7 +562,15 @@ def _needs_restart(old: Config, new: Config) -> str:
 
 
 def run(cfg: Config, replica_factory: Any = None) -> int:
+    import gc
+
     import uvloop
+
+    # The replica holds one tuple graph per connection; with the default thresholds the
+    # collector walks them all every few thousand events (measured: 3x slower decode).
+    # Everything alive at start is frozen out of collection; nothing we keep forms cycles.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
     # uvloop.run (not uvloop.install): a global policy breaks pyroute2's threads.
     return uvloop.run(Daemon(cfg, replica_factory).run())

@@ -316,6 +316,14 @@ class Replication:
 
     # ---- status ------------------------------------------------------------------------
 
+    def tables(self) -> dict[str, Any]:
+        """Both tables entry by entry (``invictusd tables``; tests compare them across nodes)."""
+        assert self.session is not None
+        return {
+            "local": [flow_json(f) for f in self.session.local_flows().values()],
+            "peer": [flow_json(f) for f in self.session.peer_flows().values()],
+        }
+
     def status(self) -> dict[str, Any]:
         s = self.session.status() if self.session is not None else {}
         counters = dict(s.pop("counters", {}))
@@ -341,6 +349,20 @@ class Replication:
             "bytes_per_entry": _bytes_per_entry(self.session),
             "counters": counters,
         }
+
+
+def _addr(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def flow_json(f: Flow) -> dict[str, Any]:
+    o, r = f.orig, f.reply
+    return {
+        "family": o.family, "proto": o.proto, "zone": o.zone,
+        "orig": [_addr(o.src), _addr(o.dst), o.sport, o.dport],
+        "reply": [_addr(r.src), _addr(r.dst), r.sport, r.dport],
+        "status": f.status, "timeout": f.timeout, "mark": f.mark, "tcp_state": f.tcp_state,
+    }
 
 
 def _bytes_per_entry(session: SyncSession | None) -> int | None:

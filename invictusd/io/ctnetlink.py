@@ -316,7 +316,8 @@ def _parse_ct(buf: bytes, start: int, end: int, mtype: int, mflags: int, mark_ma
         elif atype == 3:  # CTA_STATUS
             if alen < 8:
                 raise NetlinkError("CTA_STATUS", a, f"length {alen}")
-            status = _be32(buf, a + 4)[0]
+            # Bits above 15 do not exist in 6.x kernels; the sync format carries 16.
+            status = _be32(buf, a + 4)[0] & 0xFFFF
         elif atype == 7:  # CTA_TIMEOUT
             if alen < 8:
                 raise NetlinkError("CTA_TIMEOUT", a, f"length {alen}")

@@ -1,0 +1,299 @@
+"""Conntrack replication with real daemons and a real kernel.
+
+The firewalls drop mid-stream TCP without state (non-SYN new), so a connection whose state
+did not reach the new master really dies: ``test_without_replication_connections_break``
+proves these tests can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from invictusd import control
+from invictusd.lab.configs import control_socket
+from invictusd.lab.topology import Lab, LabConfig, firewall_ruleset
+from tests.netns.daemons import Pair, lab_pair, wait_for
+
+MARK = 1 << 30
+MD_100 = 3 + (256 - 100) / 256
+PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132}
+
+Key = tuple[int, int, tuple[str, str, int, int], tuple[str, str, int, int]]
+
+
+def _start_synced(pair: Pair, sync: bool = True, **kw: Any) -> None:
+    pair.configure("fw1", start_as_master=True, sync=sync, **kw)
+    pair.configure("fw2", sync=sync, **kw)
+    pair.start("fw1")
+    pair.start("fw2")
+    wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
+    if sync:
+        wait_for(lambda: pair.status("fw2")["sync"]["synced"], 10, what="fw2 synced")
+        wait_for(lambda: pair.status("fw1")["sync"]["synced"], 10, what="fw1 synced")
+
+
+def kernel_marked(lab: Lab, node: str) -> set[Key]:
+    return {(e.family, PROTO.get(e.proto, -1), e.orig, e.reply)
+            for e in lab.ct_list(node) if e.mark & MARK}
+
+
+def tables(pair: Pair, node: str) -> dict[str, set[Key]]:
+    reply = control.request(control_socket(pair.lab, node), "tables", timeout=10)
+    assert reply["ok"], reply
+
+    def keys(entries: list[dict[str, Any]]) -> set[Key]:
+        return {(e["family"], e["proto"], tuple(e["orig"]), tuple(e["reply"]))  # type: ignore[misc]
+                for e in entries}
+
+    return {"local": keys(reply["local"]), "peer": keys(reply["peer"])}
+
+
+def _converged(pair: Pair, src: str, dst: str) -> bool:
+    want = kernel_marked(pair.lab, src)
+    return bool(want) and tables(pair, dst)["peer"] == want
+
+
+def _assert_converged(pair: Pair, src: str, dst: str, timeout: float) -> int:
+    try:
+        wait_for(lambda: _converged(pair, src, dst), timeout, step=0.5,
+                 what=f"{dst}'s replica to equal {src}'s marked kernel table")
+    except AssertionError:
+        want = kernel_marked(pair.lab, src)
+        have = tables(pair, dst)["peer"]
+        raise AssertionError(f"{len(want)} on {src}, {len(have)} held by {dst}: "
+                             f"{len(want - have)} missing, {len(have - want)} stale; "
+                             f"missing e.g. {sorted(want - have)[:3]}, stale e.g. "
+                             f"{sorted(have - want)[:3]}") from None
+    return len(kernel_marked(pair.lab, src))
+
+
+def _churn(pair: Pair, node: str, *args: str) -> dict[str, Any]:
+    out = pair.lab.exec(node, sys.executable, "-m", "tests.netns.churn", *args, timeout=120)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _crash(pair: Pair, how: str) -> None:
+    c = pair.lab.config
+    if how in ("sigkill", "node_crash"):
+        pair.kill("fw1", cleanup=False)
+    if how in ("links_down", "node_crash"):
+        pair.lab.link_set("fw1", c.lan_if, False)
+        pair.lab.link_set("fw1", c.wan_if, False)
+
+
+@pytest.mark.parametrize("how", ["node_crash", "sigkill", "links_down"])
+def test_tcp_udp_plain_and_snat_survive_failover(how: str, measure: Any) -> None:
+    with lab_pair() as pair:
+        lab = pair.lab
+        c = lab.config
+        _start_synced(pair)
+        streams = lab.start_streams("tcp", dead_after=8)
+        streams["udp"] = lab.start_stream("udp", c.plain_port, label="udp", dead_after=8)
+        streams["udp-snat"] = lab.start_stream("udp", c.snat_port, label="udp-snat", dead_after=8)
+        # Each flow is held by fw2 before the crash, the SNATed ones with their NAT reply tuple.
+        wait_for(lambda: len(tables(pair, "fw2")["peer"]) >= 4, 5, what="4 flows replicated")
+        peer = tables(pair, "fw2")["peer"]
+        snat = [k for k in peer if k[2][3] == c.snat_port]
+        assert snat and all(k[3][1] == c.wan_vip for k in snat), snat
+        t0 = time.monotonic()
+        _crash(pair, how)
+        wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")
+        took = time.monotonic() - t0
+        commit = wait_for(lambda: pair.status("fw2")["sync"]["last_commit"], 2, what="commit")
+        assert commit["failed"] == 0 and commit["entries"] >= 4, commit
+        time.sleep(4)
+        # Traffic really goes through fw2 now, on the committed entries.
+        assert lab.arp_entry("client", c.lan_vip) == lab.mac("fw2", c.lan_if)
+        results = {name: s.stop() for name, s in streams.items()}
+        gaps = {name: round(r.worst_gap, 2) for name, r in results.items()}
+        measure(f"failover {how}: takeover / worst stream gap",  # type: ignore[operator]
+                f"{took:.2f}s / {max(gaps.values()):.2f}s {gaps}; commit {commit['entries']} "
+                f"entries in {commit['duration_ms']} ms")
+        for name, r in results.items():
+            assert r.error is None, f"{name} broke: {r.error} {r.error_detail}"
+            assert r.seq_ok, name
+            if r.proto == "tcp":  # TCP retransmits: every message arrives, in order
+                assert r.acked >= r.sent - 2, (name, r.acked, r.sent)
+            else:  # UDP loses what was sent during the takeover, then the same flow resumes
+                resumed = [a for a in r.acks if a[2] > t0 + took]
+                assert len(resumed) > 100, (name, len(resumed))
+        assert max(gaps.values()) < MD_100 + 3.5  # takeover plus TCP's retransmission backoff
+
+
+def test_without_replication_connections_break() -> None:
+    """The same node crash with replication off: the stateful ruleset kills the streams."""
+    with lab_pair() as pair:
+        lab = pair.lab
+        _start_synced(pair, sync=False)
+        streams = lab.start_streams("tcp", dead_after=6)
+        time.sleep(0.5)
+        _crash(pair, "node_crash")
+        wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")
+        results = {name: s.wait_error(12) for name, s in streams.items()}
+        for name, r in results.items():
+            assert r.error is not None, f"{name} survived without replication: the test is blind"
+
+
+def test_closed_connection_is_gone_and_unmarked_is_never_replicated() -> None:
+    cfg = LabConfig(ipv6=False, fw_sysctls={
+        "net.netfilter.nf_conntrack_tcp_timeout_time_wait": "1",
+        "net.netfilter.nf_conntrack_tcp_timeout_close_wait": "1",
+        "net.netfilter.nf_conntrack_tcp_timeout_fin_wait": "1",
+        "net.netfilter.nf_conntrack_tcp_timeout_last_ack": "1",
+    })
+    with lab_pair(cfg) as pair:
+        lab = pair.lab
+        c = lab.config
+        # Our own marking rule: only the plain port is marked, so SNAT-port flows are not.
+        rule = (firewall_ruleset(c) + "table inet mymark {\n chain f {\n"
+                "  type filter hook forward priority mangle; policy accept;\n"
+                f"  ct state new tcp dport {c.plain_port} ct mark set ct mark or 0x{MARK:08x}\n"
+                " }\n}\n")
+        for fw in ("fw1", "fw2"):
+            lab.exec(fw, "nft", "-f", "-", input=rule)
+        _start_synced(pair, sync_extra={"install_mark_rule": False})
+        assert "invictusd" not in lab.exec("fw1", "nft", "list", "tables")
+        streams = lab.start_streams("tcp", dead_after=6)
+        wait_for(lambda: len(tables(pair, "fw2")["peer"]) == 1, 5, what="the marked flow replicated")
+        (held,) = tables(pair, "fw2")["peer"]
+        assert held[2][3] == c.plain_port
+        time.sleep(1)
+        ports = {k[2][3] for k in tables(pair, "fw2")["peer"]}
+        assert ports == {c.plain_port}, "the unmarked SNAT flow reached the replica"
+        assert any(e.orig[3] == c.snat_port for e in lab.ct_list("fw1")), "SNAT flow not tracked?"
+        # Close the marked connection: once the kernel destroys the entry, the replica drops it.
+        r = streams["plain"].stop()
+        assert r.error is None
+        wait_for(lambda: not kernel_marked(lab, "fw1"), 20, step=0.5, what="fw1 to destroy it")
+        wait_for(lambda: not tables(pair, "fw2")["peer"], 3, what="the replica to drop it")
+        streams["snat"].stop()
+
+
+def test_churn_under_ten_percent_loss_converges_entry_by_entry(measure: Any) -> None:
+    with lab_pair() as pair:
+        lab = pair.lab
+        _start_synced(pair)
+        lab.sync_loss(10)
+        res = _churn(pair, "fw1", "--create", "4000", "--delete", "1500", "--batch", "250",
+                     "--pause", "0.02", "--seed", "7")
+        assert res["failed"] == 0 and res["deleted"] == 1500, res
+        n = _assert_converged(pair, "fw1", "fw2", 30)
+        s = pair.status("fw2")["sync"]
+        s1 = pair.status("fw1")["sync"]
+        measure("10% sync loss: converged entries / retransmits",  # type: ignore[operator]
+                f"{n} / {s1['counters']['retransmits']}, fw2 nacks {s['counters']['nacks_sent']}")
+        assert n == 2500
+        assert s1["counters"]["retransmits"] > 0  # loss really happened and was repaired
+        lab.sync_loss(0)
+
+
+def test_peer_restart_gets_the_bulk_table_and_converges() -> None:
+    with lab_pair() as pair:
+        _start_synced(pair)
+        _churn(pair, "fw1", "--create", "3000", "--delete", "500", "--seed", "3")
+        _assert_converged(pair, "fw1", "fw2", 20)
+        pair.stop("fw2")
+        # Changes while the backup is away: it must learn them from the bulk resync.
+        _churn(pair, "fw1", "--create", "1000", "--delete", "700", "--seed", "11")
+        pair.start("fw2")
+        n = _assert_converged(pair, "fw1", "fw2", 20)
+        # And the master restarting: the backup takes over, commits, the master comes back,
+        # receives the bulk from fw2 and preempts only once it holds the table.
+        pair.kill("fw1")
+        commit = wait_for(lambda: pair.status("fw2")["sync"]["last_commit"], MD_100 + 2,
+                          what="fw2 to commit after taking over")
+        assert commit["entries"] == n and commit["failed"] == 0, commit
+        pair.start("fw1")
+        wait_for(lambda: pair.state("fw1") == "master", 15, what="fw1 preempting back")
+        commit = wait_for(lambda: pair.status("fw1")["sync"]["last_commit"], 3, what="commit")
+        assert commit["entries"] == n and commit["failed"] == 0, commit
+        # It waited for fw2's bulk table before preempting: the log says so, in that order.
+        log = pair.log_events("fw1")
+        last_start = max(i for i, e in enumerate(log) if e.get("event") == "started")
+        run = log[last_start:]
+        allowed = next(i for i, e in enumerate(run) if e.get("event") == "preemption allowed")
+        master = next(i for i, e in enumerate(run)
+                      if e.get("event") == "state change" and e.get("new") == "master")
+        assert allowed < master
+        _assert_converged(pair, "fw1", "fw2", 20)
+
+
+def _send_udp_from(lab: Lab, node: str, src: tuple[str, int], dst: tuple[str, int],
+                   payloads: list[bytes]) -> None:
+    code = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+        f"s.bind(({src[0]!r},{src[1]}))\n"
+        f"for p in {[p.hex() for p in payloads]!r}:\n"
+        f"    s.sendto(bytes.fromhex(p),({dst[0]!r},{dst[1]}))\n"
+    )
+    lab.exec(node, sys.executable, "-c", code)
+
+
+def test_forged_replayed_and_foreign_datagrams_are_rejected_and_counted() -> None:
+    with lab_pair() as pair:
+        lab = pair.lab
+        c = lab.config
+        _start_synced(pair)
+        _churn(pair, "fw1", "--create", "200", "--seed", "5")
+        _assert_converged(pair, "fw1", "fw2", 10)
+        # Record real datagrams fw1 sends while it replicates more entries.
+        cap = lab.start_capture("fw2", c.sync_if, "udp and src host 10.9.0.1")
+        time.sleep(0.5)
+        _churn(pair, "fw1", "--create", "100", "--seed", "6")
+        time.sleep(1)
+        pcap = cap.stop()
+        datagrams = _udp_payloads(pcap)
+        assert len(datagrams) >= 2
+        before = tables(pair, "fw2")["peer"]
+        c0 = pair.status("fw2")["sync"]["counters"]
+        port = 3781
+        # Replayed byte for byte, from the peer's own address and port.
+        _send_udp_from(lab, "fw1", ("10.9.0.1", port), ("10.9.0.2", port), datagrams)
+        # Forged: random bytes, and a real datagram with one bit flipped.
+        flipped = bytearray(datagrams[-1])
+        flipped[len(flipped) // 2] ^= 0x01
+        _send_udp_from(lab, "fw1", ("10.9.0.1", port), ("10.9.0.2", port),
+                       [bytes(range(200)), b"IV" + bytes(100), bytes(flipped)])
+        # From the right address but another port: not the configured peer.
+        _send_udp_from(lab, "fw1", ("10.9.0.1", 4000), ("10.9.0.2", port), datagrams[:3])
+
+        def counted() -> bool:
+            c1 = pair.status("fw2")["sync"]["counters"]
+
+            def d(k: str) -> int:
+                return int(c1.get(k, 0)) - int(c0.get(k, 0))
+
+            replay = d("drop_duplicate") + d("drop_epoch") + d("drop_retired_epoch")
+            return (replay >= len(datagrams) - 1 and d("drop_auth") + d("drop_malformed") >= 3
+                    and d("foreign_datagrams") >= 3)
+
+        wait_for(counted, 5, what="replays, forgeries and foreign datagrams counted")
+        assert tables(pair, "fw2")["peer"] == before == kernel_marked(lab, "fw1")
+
+
+def _udp_payloads(pcap: Any) -> list[bytes]:
+    """UDP payloads of an Ethernet pcap (little parser: no scapy import needed)."""
+    with open(pcap, "rb") as f:
+        data = f.read()
+    out, off = [], 24
+    while off + 16 <= len(data):
+        incl = int.from_bytes(data[off + 8 : off + 12], "little")
+        frame = data[off + 16 : off + 16 + incl]
+        off += 16 + incl
+        if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        udp = frame[14 + ihl :]
+        length = int.from_bytes(udp[4:6], "big")
+        out.append(bytes(udp[8:length]))
+    return out
+
+
+
