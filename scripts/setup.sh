@@ -6,7 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 need=()
 for pkg_cmd in iproute2:ip nftables:nft conntrack:conntrack conntrackd:conntrackd \
                keepalived:keepalived tcpdump:tcpdump tshark:tshark iputils-ping:ping \
-               procps:pgrep; do
+               procps:pgrep systemd:systemd-analyze; do
   command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
 done
 if ((${#need[@]})); then

@@ -1,0 +1,80 @@
+"""The command line and the systemd unit, without a running daemon."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invictusd import __version__
+from invictusd.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = """
+[[vrrp]]
+interface = "lan0"
+virtual_address = "10.0.0.1/24"
+virtual_id = 51
+password = "secret"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "invictusd.toml"
+    p.write_text(text)
+    p.chmod(0o600)
+    return p
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"invictusd {__version__}"
+
+
+def test_check_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(_write(tmp_path, GOOD))]) == 0
+    assert "OK: group of 1: lan0 (VRID 51)" in capsys.readouterr().out
+
+
+def test_check_names_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, GOOD.replace('"secret"', '"much-too-long"'))
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:6: vrrp[0].password:" in err and "at most 8" in err
+
+
+def test_check_warns_about_a_world_readable_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, GOOD)
+    path.chmod(0o644)
+    assert main(["check", "--config", str(path)]) == 0
+    assert "readable by group or others" in capsys.readouterr().err
+
+
+def test_status_of_a_missing_daemon_exits_3(tmp_path: Path) -> None:
+    assert main(["status", "--socket", str(tmp_path / "nothing.sock")]) == 3
+
+
+def test_entry_point_runs_as_a_module() -> None:
+    out = subprocess.run([sys.executable, "-m", "invictusd", "--version"], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == f"invictusd {__version__}"
+
+
+def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
+    """systemd-analyze verify, with the ExecStart path pointed at this environment's binary."""
+    exe = shutil.which("invictusd")
+    assert exe, "invictusd is not installed (pip install -e .)"
+    unit = (ROOT / "systemd/invictusd.service").read_text().replace("/usr/local/bin/invictusd", exe)
+    path = tmp_path / "invictusd.service"
+    path.write_text(unit)
+    proc = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "invictusd.service" in line]
+    assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
