@@ -24,6 +24,7 @@ from invictusd.vrrp.packet import MAX_PASSWORD
 
 IPv4 = ipaddress.IPv4Address
 IPv4If = ipaddress.IPv4Interface
+IPv6If = ipaddress.IPv6Interface
 
 DEFAULT_SOCKET = "/run/invictusd/invictusd.sock"
 DEFAULT_PRIORITY = 100
@@ -60,6 +61,9 @@ class VrrpConfig:
     garp_repeat: int
     garp_refresh: float
     prefix_given: tuple[bool, ...] = ()
+    # Moved with the group and announced by unsolicited neighbour advertisements, but not
+    # carried in VRRPv2 adverts (which hold IPv4 only), as keepalived's excluded addresses.
+    virtual_addresses6: tuple[IPv6If, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +212,16 @@ def _address(r: _Reader, key: str, value: Any) -> IPv4:
         raise r.err(key, f"{value!r} is not an IPv4 address") from None
 
 
-def _interface_addr(r: _Reader, key: str, value: Any) -> IPv4If:
+def _interface_addr(r: _Reader, key: str, value: Any) -> IPv4If | IPv6If:
     if not isinstance(value, str):
         raise r.err(key, f"must be an address string like \"10.0.0.1/24\", got {value!r}")
+    if ":" in value:
+        if "/" not in value:
+            raise r.err(key, f"IPv6 address {value!r} needs its prefix, e.g. \"fd10::1/64\"")
+        try:
+            return IPv6If(value)
+        except ValueError:
+            raise r.err(key, f"{value!r} is not an IPv6 address/prefix") from None
     try:
         return IPv4If(value)
     except ValueError:
@@ -232,8 +243,12 @@ def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
     raw = [single] if single is not None else many
     if not raw:
         raise r.err(key, "needs at least one address")
-    vips = tuple(_interface_addr(r, key, v) for v in raw)
-    if len(set(v.ip for v in vips)) != len(vips):
+    parsed = [(_interface_addr(r, key, v), "/" in v) for v in raw]
+    vips = tuple(a for a, _ in parsed if isinstance(a, IPv4If))
+    vips6 = tuple(a for a, _ in parsed if isinstance(a, IPv6If))
+    if not vips:
+        raise r.err(key, "needs at least one IPv4 address (VRRPv2 advertises IPv4 addresses)")
+    if len({a.ip for a, _ in parsed}) != len(parsed):
         raise r.err(key, "lists the same address twice")
     if real_address is not None and any(v.ip == real_address for v in vips):
         raise r.err(key, f"{real_address} is also the real_address")
@@ -256,7 +271,8 @@ def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
         preempt_delay=r.number("preempt_delay", 0, 3600, 0.0),
         garp_repeat=r.int_in("garp_repeat", 1, 100, 5),
         garp_refresh=r.number("garp_refresh", 0, 86400, 60.0),
-        prefix_given=tuple("/" in v for v in raw),
+        prefix_given=tuple(given for a, given in parsed if isinstance(a, IPv4If)),
+        virtual_addresses6=vips6,
     )
 
 
@@ -334,6 +350,10 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
     )
 
 
+def _vip_set(v: VrrpConfig) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    return {a.ip for a in v.virtual_addresses} | {a.ip for a in v.virtual_addresses6}
+
+
 def parse(text: str, path: str = "<config>") -> Config:
     lines = _key_lines(text)
     try:
@@ -380,7 +400,7 @@ def parse(text: str, path: str = "<config>") -> Config:
                         f"{getattr(v, k)} differs from vrrp[{j}] ({getattr(prev, k)}); every "
                         "[[vrrp]] table of a node moves as one group and must agree",
                     )
-            shared = {a.ip for a in prev.virtual_addresses} & {a.ip for a in v.virtual_addresses}
+            shared = _vip_set(prev) & _vip_set(v)
             if shared:
                 key = "virtual_address" if "virtual_address" in t else "virtual_addresses"
                 raise vr.err(key, f"{sorted(map(str, shared))} also in vrrp[{j}]")
@@ -419,6 +439,7 @@ class LinkInfo:
 
     name: str
     addresses: tuple[IPv4If, ...]
+    addresses6: tuple[IPv6If, ...] = ()
 
 
 def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
@@ -460,6 +481,13 @@ def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
             if explicit and vip.network not in nets:
                 raise cfg.error(key, f"{vip} does not match {v.interface}'s subnet {nets[0]}")
             vips.append(vip if explicit else IPv4If(f"{vip.ip}/{nets[0].prefixlen}"))
+        own6 = [a for a in link.addresses6 if a.ip not in {x.ip for x in v.virtual_addresses6}]
+        for vip6 in v.virtual_addresses6:
+            if not any(vip6.network == a.network for a in own6):
+                raise cfg.error(
+                    key, f"{vip6} is not in an IPv6 subnet of {v.interface} "
+                    f"({', '.join(str(a.network) for a in own6) or 'it has none'})"
+                )
         resolved.append(_replace_vrrp(v, real.ip, tuple(vips)))
     if cfg.sync.enabled:
         link = links.get(cfg.sync.interface)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from invictusd import __version__, control, log
-from invictusd.config import Config, ConfigError, LinkInfo, check_system, load
-from invictusd.io.garp import GarpSocket
+from invictusd.config import Config, ConfigError, IPv4If, IPv6If, LinkInfo, check_system, load
+from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
 from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
 from invictusd.io.vrrp_socket import VrrpSocket
@@ -104,6 +104,7 @@ class Instance:
     ifindex: int
     sock: VrrpSocket
     garp: GarpSocket
+    na: NeighbourAdvertiser
     expect: packet.Expect
     drops: Counter[str] = field(default_factory=Counter)
     garps_sent: int = 0
@@ -151,7 +152,8 @@ class Daemon:
             assert v.real_address is not None
             sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address)
             garp = GarpSocket(v.interface)
-            inst = Instance(i, ifindex[v.interface], sock, garp, _expect(self.cfg, i))
+            na = NeighbourAdvertiser(v.interface, ifindex[v.interface])
+            inst = Instance(i, ifindex[v.interface], sock, garp, na, _expect(self.cfg, i))
             self.instances.append(inst)
             self._by_ifindex[inst.ifindex] = i
             loop.add_reader(sock.fileno(), self._on_vrrp_readable, inst)
@@ -216,10 +218,11 @@ class Daemon:
                 os.unlink(self.cfg.node.control_socket)
         # Belt and braces: whatever happened before, no virtual address outlives a clean stop.
         for inst in self.instances:
-            await self.links.remove(inst.ifindex, list(self.cfg.vrrp[inst.index].virtual_addresses))
+            await self.links.remove(inst.ifindex, self._vips(inst.index))
             loop.remove_reader(inst.sock.fileno())
             inst.sock.close()
             inst.garp.close()
+            inst.na.close()
         if self._rtnl is not None:
             loop.remove_reader(self._rtnl.fileno())
             self._rtnl.close()
@@ -227,9 +230,10 @@ class Daemon:
 
     async def _remove_stale(self, ifindex: dict[str, int], infos: dict[str, LinkInfo]) -> None:
         """A previous run killed with SIGKILL leaves its addresses: we start as backup."""
-        for v in self.cfg.vrrp:
-            present = {a.ip for a in infos[v.interface].addresses}
-            stale = [a for a in v.virtual_addresses if a.ip in present]
+        for i, v in enumerate(self.cfg.vrrp):
+            info = infos[v.interface]
+            present = {a.ip for a in info.addresses} | {a.ip for a in info.addresses6}
+            stale = [a for a in self._vips(i) if a.ip in present]
             if stale:
                 await self.links.remove(ifindex[v.interface], stale)
                 self.log.warning(
@@ -301,7 +305,7 @@ class Daemon:
         i = self._by_ifindex.get(ev.ifindex)
         if i is None or self.machine.state is not State.MASTER:
             return
-        if any(a.ip == ev.address for a in self.cfg.vrrp[i].virtual_addresses):
+        if any(a.ip == ev.address for a in self._vips(i)):
             self.instances[i].addresses_restored += 1
             self.log.warning(
                 "virtual address removed behind our back; restoring",
@@ -386,21 +390,27 @@ class Daemon:
             # The machine may have moved on while we waited: only add if still master.
             if self.machine.state is State.MASTER:
                 for inst in self.instances:
-                    vips = list(self.cfg.vrrp[inst.index].virtual_addresses)
-                    await self.links.add(inst.ifindex, vips)
+                    await self.links.add(inst.ifindex, self._vips(inst.index))
         elif isinstance(action, RemoveAddresses):
             if self.machine.state is not State.MASTER:
                 for inst in self.instances:
-                    vips = list(self.cfg.vrrp[inst.index].virtual_addresses)
-                    await self.links.remove(inst.ifindex, vips)
+                    await self.links.remove(inst.ifindex, self._vips(inst.index))
         elif isinstance(action, SendGarp) and self.machine.state is State.MASTER:
             v = self.cfg.vrrp[action.index]
             inst = self.instances[action.index]
             inst.garps_sent += inst.garp.announce(
                 [a.ip for a in v.virtual_addresses], repeat=v.garp_repeat
             )
+            if v.virtual_addresses6:
+                inst.garps_sent += inst.na.announce(
+                    [a.ip for a in v.virtual_addresses6], inst.garp.mac, repeat=v.garp_repeat
+                )
         elif isinstance(action, _Resnapshot):
             await self._resnapshot()
+
+    def _vips(self, index: int) -> list[IPv4If | IPv6If]:
+        v = self.cfg.vrrp[index]
+        return [*v.virtual_addresses, *v.virtual_addresses6]
 
     # ---- commands ----------------------------------------------------------------------
 

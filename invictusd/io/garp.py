@@ -47,3 +47,47 @@ class GarpSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+ICMPV6_NA = 136
+NA_OVERRIDE = 0x20000000
+ALL_NODES = "ff02::1"
+_NA = struct.Struct("!BBHI16sBB6s")
+
+
+def na_message(address: ipaddress.IPv6Address, mac: bytes) -> bytes:
+    """Unsolicited neighbour advertisement (RFC 4861 7.2.6), override flag, target LL option.
+
+    The checksum field is left 0: the kernel fills it in for raw ICMPv6 sockets.
+    """
+    return _NA.pack(ICMPV6_NA, 0, 0, NA_OVERRIDE, address.packed, 2, 1, mac)
+
+
+class NeighbourAdvertiser:
+    """The IPv6 counterpart of gratuitous ARP, on a raw ICMPv6 socket per interface."""
+
+    def __init__(self, ifname: str, ifindex: int) -> None:
+        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 25, ifname.encode())  # SO_BINDTODEVICE
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.ifindex = ifindex
+
+    def announce(self, addresses: list[ipaddress.IPv6Address], mac: bytes, repeat: int = 1) -> int:
+        sent = 0
+        for _ in range(repeat):
+            for address in addresses:
+                try:
+                    self.sock.sendto(na_message(address, mac), (ALL_NODES, 0, 0, self.ifindex))
+                    sent += 1
+                except OSError:
+                    pass  # as for ARP: the next burst or refresh retries
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()

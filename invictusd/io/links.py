@@ -15,6 +15,9 @@ from typing import Any
 from invictusd.config import LinkInfo
 
 IPv4If = ipaddress.IPv4Interface
+IPv6If = ipaddress.IPv6Interface
+Address = IPv4If | IPv6If
+IFA_F_NODAD = 0x02
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 
@@ -44,12 +47,17 @@ class Links:
             flags = link["flags"]
             up[name] = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
         addrs: dict[str, list[IPv4If]] = {n: [] for n in names.values()}
-        for a in ipr.get_addr(family=2):
+        addrs6: dict[str, list[IPv6If]] = {n: [] for n in names.values()}
+        for a in ipr.get_addr():
             name = names.get(a["index"])
             local = a.get("IFA_LOCAL") or a.get("IFA_ADDRESS")
-            if name is not None and local:
+            if name is None or not local:
+                continue
+            if a["family"] == 2:
                 addrs[name].append(IPv4If(f"{local}/{a['prefixlen']}"))
-        infos = {n: LinkInfo(n, tuple(addrs[n])) for n in names.values()}
+            elif a["family"] == 10:
+                addrs6[name].append(IPv6If(f"{local}/{a['prefixlen']}"))
+        infos = {n: LinkInfo(n, tuple(addrs[n]), tuple(addrs6[n])) for n in names.values()}
         return infos, {n: i for i, n in names.items()}, up
 
     async def snapshot(self) -> tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]]:
@@ -57,12 +65,16 @@ class Links:
         result: tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]] = await self._call(self._snapshot)
         return result
 
-    def _change(self, op: str, ifindex: int, addrs: list[IPv4If]) -> list[str]:
+    def _change(self, op: str, ifindex: int, addrs: list[Address]) -> list[str]:
         ipr = self._open()
         done = []
         for a in addrs:
+            # An IPv6 address moving between routers must work at once: no duplicate
+            # address detection (the peer has just given it up).
+            extra = {"flags": IFA_F_NODAD} if op == "add" and a.version == 6 else {}
             try:
-                ipr.addr(op, index=ifindex, address=str(a.ip), prefixlen=a.network.prefixlen)
+                ipr.addr(op, index=ifindex, address=str(a.ip), prefixlen=a.network.prefixlen,
+                         **extra)
                 done.append(str(a))
             except Exception as e:  # pyroute2 raises NetlinkError(code)
                 code = getattr(e, "code", None)
@@ -73,17 +85,17 @@ class Links:
                 raise
         return done
 
-    async def add(self, ifindex: int, addrs: list[IPv4If]) -> list[str]:
+    async def add(self, ifindex: int, addrs: list[Address]) -> list[str]:
         """Add addresses; returns those that were not there already."""
         done: list[str] = await self._call(self._change, "add", ifindex, addrs)
         return done
 
-    async def remove(self, ifindex: int, addrs: list[IPv4If]) -> list[str]:
+    async def remove(self, ifindex: int, addrs: list[Address]) -> list[str]:
         """Remove addresses; returns those that were present."""
         done: list[str] = await self._call(self._change, "del", ifindex, addrs)
         return done
 
-    def remove_blocking(self, ifindex: int, addrs: list[IPv4If]) -> list[str]:
+    def remove_blocking(self, ifindex: int, addrs: list[Address]) -> list[str]:
         return self._pool.submit(self._change, "del", ifindex, addrs).result()
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFF_UP = 0x1
@@ -41,7 +42,7 @@ class LinkEvent(NamedTuple):
 
 class AddrEvent(NamedTuple):
     ifindex: int
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     prefixlen: int
     deleted: bool
 
@@ -65,22 +66,25 @@ def parse(buf: bytes) -> list[LinkEvent | AddrEvent]:
             if body + _IFADDRMSG.size > off + length:
                 raise RtnlError("ifaddrmsg", body, "truncated")
             family, prefixlen, _f, _scope, index = _IFADDRMSG.unpack_from(buf, body)
-            if family == socket.AF_INET:
-                addr = _ipv4_attr(buf, body + _IFADDRMSG.size, off + length)
+            if family in (socket.AF_INET, socket.AF_INET6):
+                addr = _addr_attr(buf, body + _IFADDRMSG.size, off + length, family)
                 if addr is not None:
                     out.append(AddrEvent(index, addr, prefixlen, mtype == RTM_DELADDR))
         off += (length + 3) & ~3
     return out
 
 
-def _ipv4_attr(buf: bytes, off: int, end: int) -> ipaddress.IPv4Address | None:
-    found: ipaddress.IPv4Address | None = None
+def _addr_attr(
+    buf: bytes, off: int, end: int, family: int
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    size = 4 if family == socket.AF_INET else 16
+    found: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     while off + _NLATTR.size <= end:
         alen, atype = _NLATTR.unpack_from(buf, off)
         if alen < _NLATTR.size or off + alen > end:
             raise RtnlError("nla_len", off, f"{alen} does not fit")
-        if atype in (IFA_LOCAL, IFA_ADDRESS) and alen == _NLATTR.size + 4:
-            found = ipaddress.IPv4Address(buf[off + 4 : off + 8])
+        if atype in (IFA_LOCAL, IFA_ADDRESS) and alen == _NLATTR.size + size:
+            found = ipaddress.ip_address(buf[off + 4 : off + 4 + size])
             if atype == IFA_LOCAL:
                 return found
         off += (alen + 3) & ~3
@@ -92,7 +96,7 @@ class RtnlMonitor:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()

@@ -37,8 +37,8 @@ def daemon_config(
     c = lab.config
     i = 0 if node == "fw1" else 1
     tables = {
-        "lan": (c.lan_if, c.fw_lan_ips[i], c.lan_vip, LAN_VRID),
-        "wan": (c.wan_if, c.fw_wan_ips[i], c.wan_vip, WAN_VRID),
+        "lan": (c.lan_if, c.fw_lan_ips[i], c.lan_vip, LAN_VRID, f"{c.lan_vip6}/{c.prefix6}"),
+        "wan": (c.wan_if, c.fw_wan_ips[i], c.wan_vip, WAN_VRID, f"{c.wan_vip6}/{c.prefix6}"),
     }
     lines = [
         "[node]",
@@ -47,12 +47,13 @@ def daemon_config(
         "",
     ]
     for which in interfaces:
-        ifname, real, vip, vrid = tables[which]
+        ifname, real, vip, vrid, vip6 = tables[which]
+        vips = [f"{vip}/{c.prefix4}"] + ([vip6] if c.ipv6 else [])
         lines += [
             "[[vrrp]]",
             f'interface = "{ifname}"',
             f'real_address = "{real}"',
-            f'virtual_address = "{vip}/{c.prefix4}"',
+            f"virtual_addresses = {_toml_value(vips)}",
             f"virtual_id = {vrid}",
             f'password = "{password}"',
             f"start_as_master = {_toml_value(start_as_master)}",
