@@ -7,9 +7,11 @@ in fw1 and fw2, and removes everything afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -418,3 +420,28 @@ def test_wrong_vrid_from_keepalived_is_ignored_and_counted() -> None:
         wait_for(lambda: pair.state("fw1") == "master", MD_100 + 3, what="invictusd master anyway")
         wait_for(lambda: pair.status("fw1")["vrrp"][0]["counters"]["drops"].get("vrid", 0) >= 2, 5,
                  what="vrid drops counted")
+
+
+def test_address_removed_behind_our_back_is_restored_and_sigusr2_dumps_state() -> None:
+    with lab_pair() as pair:
+        pair.configure("fw1", start_as_master=True)
+        pair.start("fw1")
+        wait_for(lambda: pair.state("fw1") == "master", 8, what="fw1 master")
+        c = pair.lab.config
+        pair.lab.exec("fw1", "ip", "addr", "del", f"{c.wan_vip}/{c.prefix4}", "dev", c.wan_if)
+        wait_for(lambda: pair.vips_on("fw1") == {c.lan_vip, c.wan_vip}, 3, what="VIP restored")
+        wan = pair.status("fw1")["vrrp"][1]
+        assert wan["interface"] == c.wan_if and wan["counters"]["addresses_restored"] == 1
+        pair.signal("fw1", signal.SIGUSR2)
+        dump = wait_for(lambda: [e for e in pair.log_events("fw1") if e.get("event") == "status dump"],
+                        3, what="status dump in the log")[-1]
+        assert dump["group"]["state"] == "master" and len(dump["vrrp"]) == 2
+        # The JSON of `invictusd status --json` is a stable interface for scripts.
+        out = pair.lab.exec("fw1", sys.executable, "-m", "invictusd", "status", "--json",
+                            "--config", str(pair.configs["fw1"]))
+        s = json.loads(out)
+        for v in s["vrrp"]:
+            assert set(v) >= {"interface", "virtual_id", "state", "priority", "virtual_addresses",
+                              "master_address", "counters"}
+            assert v["state"] == "master" and v["priority"] == 150
+        assert s["sync"] is None
