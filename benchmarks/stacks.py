@@ -66,6 +66,9 @@ class Stack:
     def pids(self, node: str) -> dict[str, int]: ...
     def fault(self, kind: str) -> None: ...
     def takeover(self, expect: int) -> float: ...
+    def backup_took_over(self) -> bool:
+        """Whether fw2 has become master at any time since the stack started."""
+        ...
 
     def links_down(self, node: str) -> None:
         c = self.lab.config
@@ -116,6 +119,10 @@ class Invictus(Stack):
     def pids(self, node: str) -> dict[str, int]:
         p = self.pair.procs.get(node)
         return {"invictusd": p.pid} if p is not None and p.poll() is None else {}
+
+    def backup_took_over(self) -> bool:
+        return any(e.get("event") == "state change" and e.get("new") == "master"
+                   for e in self.pair.log_events("fw2"))
 
     def takeover(self, expect: int) -> float:
         """SIGUSR1 (step down) on fw1; fw2's ``last_commit.duration_ms`` of ``expect`` entries."""
@@ -184,6 +191,9 @@ class KeepalivedConntrackd(Stack):
 
     def peer_count(self, node: str) -> int | None:
         return self.base.nodes[node].external_count()
+
+    def backup_took_over(self) -> bool:
+        return "primary-start" in self._notify_log("fw2")
 
     def pids(self, node: str) -> dict[str, int]:
         return self.base.nodes[node].pids()
