@@ -958,19 +958,18 @@ class SyncSession:
         top = max(max(buf) if buf else 0, self._peer_high)
         if top < expect:
             return
+        # Walk the buffered seqs (at most reorder_capacity), never the span: a peer's seq may
+        # be up to 2**31 ahead, and a loop over that span froze the event loop.
         ranges: list[Record] = []
-        first: int | None = None
-        for q in range(expect, top + 1):
-            if q in buf:
-                if first is not None:
-                    ranges.append(NackRange(first & U32, (q - 1) & U32))
-                    first = None
-            elif first is None:
-                first = q
-            if len(ranges) >= _MAX_NACK_RANGES:
-                break
-        if first is not None and len(ranges) < _MAX_NACK_RANGES:
-            ranges.append(NackRange(first & U32, top & U32))
+        prev = expect - 1
+        for q in sorted(q for q in buf if q >= expect):
+            if q > prev + 1:
+                ranges.append(NackRange((prev + 1) & U32, (q - 1) & U32))
+                if len(ranges) >= _MAX_NACK_RANGES:
+                    break
+            prev = q
+        if top > prev and len(ranges) < _MAX_NACK_RANGES:
+            ranges.append(NackRange((prev + 1) & U32, top & U32))
         if not ranges:
             return
         self._send_control(DatagramType.NACK, tuple(ranges), now)
