@@ -31,6 +31,7 @@ DEFAULT_PRIORITY = 100
 MASTER_PRIORITY = 150
 DEFAULT_SYNC_PORT = 3781
 DEFAULT_MARK_BIT = 30
+MAX_SECRET_FILE = 4096  # bytes; a password or key file is far smaller
 
 
 class ConfigError(ValueError):
@@ -193,11 +194,19 @@ def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[st
         path = Path(value) if Path(value).is_absolute() else base / value
     try:
         mode = path.stat().st_mode
-        data = path.read_bytes()
+        # A device or FIFO (/dev/zero, /dev/stdin) would be read without end or block start-up.
+        if not stat.S_ISREG(mode):
+            raise r.err(key, f"{path} is not a regular file")
+        with path.open("rb") as f:
+            data = f.read(MAX_SECRET_FILE + 1)
     except OSError as e:
         raise r.err(key, f"cannot read {path}: {e.strerror}") from None
     except ValueError as e:  # a NUL in the name: os.stat refuses it before any I/O
+        if isinstance(e, ConfigError):
+            raise
         raise r.err(key, f"cannot read {str(path)!r}: {e}") from None
+    if len(data) > MAX_SECRET_FILE:
+        raise r.err(key, f"{path} is over {MAX_SECRET_FILE} bytes; not a key file")
     if key.endswith("_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
         warnings.append(f"{path} ({r.where}.{key}) is readable by group or others; chmod 600 it")
     return data.rstrip(b"\r\n")
