@@ -196,7 +196,7 @@ def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[st
         mode = path.stat().st_mode
         # A device or FIFO (/dev/zero, /dev/stdin) would be read without end or block start-up.
         if not stat.S_ISREG(mode):
-            raise r.err(key, f"{path} is not a regular file")
+            raise r.err(key, f"cannot read {path}: not a regular file")
         with path.open("rb") as f:
             data = f.read(MAX_SECRET_FILE + 1)
     except OSError as e:
