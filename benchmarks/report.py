@@ -71,6 +71,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         tk["ratio"] = ratio(tk["invictusd"], tk["baseline"])
         s["throughput"][str(size)] = row
         s["takeover"][str(size)] = tk
+    s["false_takeovers"] = {}
+    for size in sizes:
+        ft = {}
+        for st in STACKS:
+            rs = [r for r in raw["replication"] if r["size"] == size and r["stack"] == st]
+            ft[st] = f"{sum(bool(r.get('false_takeover')) for r in rs)}/{len(rs)}"
+        s["false_takeovers"][str(size)] = ft
     for key in ("bytes_per_new", "bytes_per_update", "bytes_per_destroy"):
         b = {st: median([r[key] for r in raw["replication"] if r["stack"] == st and key in r])
              for st in STACKS}
@@ -167,6 +174,9 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
         lines.append(f"| replication {int(size) // 1000}k new entries, events/s "
                      f"(generator alone {_f(g['alone_per_s'])}/s) | {_f(row['invictusd'])} | "
                      f"{_f(row['baseline'])} | {_f(row['ratio'], '{:.2f}')} |")
+    for size, ft in s.get("false_takeovers", {}).items():
+        lines.append(f"| backup became master during the {int(size) // 1000}k burst (samples) | "
+                     f"{ft['invictusd']} | {ft['baseline']} | |")
     for q in ("p50_ms", "p99_ms"):
         lines.append(f"| lag of single new entries under {cfg['lag_rate']:.0f} updates/s, {q[:3]} ms | "
                      f"{_f(s['lag']['invictusd'][q], '{:.1f}')} | {_f(s['lag']['baseline'][q], '{:.1f}')} | "

@@ -114,7 +114,8 @@ def run(cfg: dict[str, Any], smoke: bool = False) -> dict[str, Any]:
                     f["rep"] = rep
                     raw["failover"].append(f)
                     if not smoke and f["gap_s"] is None:
-                        log(f"  {name}: a stream got no echo after the fault ({f['streams']})")
+                        lost = {k: v["error"] for k, v in f["streams"].items() if not v["survived"]}
+                        log(f"  {name}: no echo after the fault on {lost}")
         for name in order(0):
             log(f"idle CPU, {name}")
             raw["idle"].append(S.idle_cpu(lab, mk(name), cfg["idle_seconds"]))

@@ -9,6 +9,7 @@ the stack started) and always tears the stack down and resets the lab. Anything 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -269,15 +270,25 @@ def failover(lab: Lab, stack: Stack, kind: str) -> dict[str, Any]:
         except StackError as e:
             raise Invalid(str(e)) from e
         t_vip = time.monotonic() - t_fault
-        time.sleep(3.0)
+        # TCP retransmits back off exponentially: after a few seconds of outage the next try
+        # may come several seconds after the new master is ready. Wait for it (bounded).
+        deadline = t_fault + 25.0
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            snaps = [s.snapshot() for s in streams.values()]
+            if all(any(a[2] > t_fault for a in fr.acks) or fr.error for fr in snaps):
+                break
+        time.sleep(0.5)
         res: dict[str, Any] = {"stack": stack.name, "fault": kind, "vip_s": t_vip, "streams": {}}
         for name, s in streams.items():
             fr = s.stop()
-            after = [a for a in fr.acks if a[2] > t_fault]
-            # The gap around the fault: from the last echo before it to the first after it.
-            prev = max((a[2] for a in fr.acks if a[2] <= t_fault), default=t_fault)
-            first_after = min((a[2] for a in after), default=None)
-            gap = (first_after - prev) if first_after is not None else None
+            times = sorted(a[2] for a in fr.acks)
+            # The worst silence the fault caused: the longest interval between two echoes
+            # that ends after the fault (the silence may start a little after it, while the
+            # fault is still being applied). None: no echo came back after the fault.
+            ends = [(t1 - t0) for t0, t1 in itertools.pairwise(times) if t1 > t_fault]
+            first_after = next((t for t in times if t > t_fault), None)
+            gap = max(ends) if ends and times[-1] > t_fault + 0.5 else None
             res["streams"][name] = {
                 "survived": fr.error is None and fr.seq_ok and first_after is not None,
                 "error": fr.error, "gap_s": gap,
