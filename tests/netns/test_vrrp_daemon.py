@@ -25,6 +25,14 @@ SKEW_100 = (256 - 100) / 256  # 0.609 s
 MARGIN = 0.5  # scheduling, process start, ARP: what a test allows beyond the RFC figure
 
 
+def _fw1_preferred_master(pair: Pair) -> None:
+    """fw1 with start_as_master, fw2 default; both running, fw1 holding every VIP."""
+    pair.configure("fw1", start_as_master=True)
+    pair.start("fw1")
+    pair.start("fw2")
+    wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+
+
 def _one_master(pair: Pair, timeout: float = MD_100 + 3) -> str:
     node = wait_for(pair.master, timeout, what="exactly one node holding every VIP")
     other = "fw2" if node == "fw1" else "fw1"
@@ -82,10 +90,7 @@ def test_start_as_master_wins_and_preempts_on_return(measure: object) -> None:
 
 def test_sigkill_of_master_fails_over_within_master_down(measure: object) -> None:
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True)
-        pair.start("fw1")
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+        _fw1_preferred_master(pair)
         c = pair.lab.config
         assert pair.lab.ping("client", c.lan_vip)
         assert pair.lab.arp_entry("client", c.lan_vip) == pair.lab.mac("fw1", c.lan_if)
@@ -121,10 +126,7 @@ def test_sigterm_hands_over_in_skew_time_and_removes_addresses(measure: object) 
 
 def test_link_down_on_one_interface_moves_the_whole_group(measure: object) -> None:
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True)
-        pair.start("fw1")
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+        _fw1_preferred_master(pair)
         c = pair.lab.config
         took = _takeover_time(pair, "fw2", lambda: pair.lab.link_set("fw1", c.wan_if, False))
         measure("failover link down (WAN of master)", f"{took:.3f}s (Skew_Time {SKEW_100:.3f}s)")  # type: ignore[operator]
@@ -141,10 +143,7 @@ def test_link_down_on_one_interface_moves_the_whole_group(measure: object) -> No
 
 def test_sigusr1_steps_down_and_stays_backup() -> None:
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True)
-        pair.start("fw1")
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+        _fw1_preferred_master(pair)
         pair.signal("fw1", signal.SIGUSR1)
         wait_for(lambda: pair.master() == "fw2", 2, what="fw2 master after step-down")
         time.sleep(3 + 1)  # longer than fw1's Master_Down: it must not preempt back
@@ -160,10 +159,7 @@ def test_sigusr1_steps_down_and_stays_backup() -> None:
 
 def test_sighup_reload_changes_priority_without_reelection_and_rejects_bad_files() -> None:
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True)
-        pair.start("fw1")
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+        _fw1_preferred_master(pair)
         before = {n: pair.status(n)["group"]["transitions"] for n in ("fw1", "fw2")}
         pair.configure("fw1", start_as_master=True, vrrp_extra={"priority": 200})
         pair.signal("fw1", signal.SIGHUP)
@@ -205,10 +201,7 @@ def _forge(lab: object, payload: bytes, ttl: int = 255, count: int = 5) -> None:
 
 def test_forged_adverts_are_dropped_and_counted_by_reason() -> None:
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True)
-        pair.start("fw1")
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 8, what="fw1 master")
+        _fw1_preferred_master(pair)
         c = pair.lab.config
         vip = packet.Advertisement
         import ipaddress
