@@ -130,6 +130,7 @@ class Daemon:
         self._server: asyncio.AbstractServer | None = None
         self._started_wall = time.time()
         self.loop_stalls = 0
+        self.callback_errors = 0
         self.max_loop_lag = 0.0
         self.last_commit: dict[str, Any] | None = None
 
@@ -137,6 +138,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_error)
         infos, ifindex, link_up = await self.links.snapshot()
         try:
             self.cfg = check_system(self.cfg, infos)
@@ -201,6 +203,13 @@ class Daemon:
         await self._close()
         self.log.info("stopped")
         return 0
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A bug of ours in a callback: log it loudly (it would otherwise go to stderr only)."""
+        self.callback_errors += 1
+        exc = context.get("exception")
+        self.log.error("internal error in a callback", message=context.get("message"),
+                       error=repr(exc) if exc else None, exc_info=exc)
 
     def stop(self) -> None:
         self.log.info("stop requested")
@@ -550,7 +559,8 @@ class Daemon:
             },
             "vrrp": vrrp,
             "sync": self.replica.status() if self.replica is not None else None,
-            "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1)},
+            "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1),
+                     "callback_errors": self.callback_errors},
         }
 
 

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 # gone for good; then there is nothing to wait for).
 BULK_HOLD_MAX = 15.0
 RATE_WINDOW = 1.0
+# Netlink datagrams (each holds many events) read per wake-up: a storm of events must not
+# keep the loop from sending adverts; what is left is read on the next turn.
+READ_BUDGET = 32
 
 
 def _node_id(address: ipaddress.IPv4Address) -> int:
@@ -159,7 +162,7 @@ class Replication:
     def _on_events(self) -> None:
         assert self.events is not None and self.session is not None
         try:
-            batch = self.events.read()
+            batch = self.events.read(max_datagrams=READ_BUDGET)
         except Overrun as e:
             self.overruns += 1
             self.log.warning("conntrack event overrun: events were lost; resyncing by dump",
