@@ -3,6 +3,10 @@
 Tests marked ``netns`` need root and network namespaces. In CI (``CI=true``) a missing
 capability is a failure, never a silent skip; on a developer laptop without root they skip
 with the reason.
+
+Tests marked ``slow`` (the long fault and soak variants) are skipped unless asked for with
+``--run-slow``, ``INVICTUSD_RUN_SLOW=1`` or a ``-m`` expression that names ``slow``
+(e.g. ``-m slow``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,22 @@ def _netns_unavailable() -> str | None:
     return None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (long fault and soak variants)")
+
+
+def _slow_wanted(config: pytest.Config) -> bool:
+    return bool(config.getoption("--run-slow") or os.environ.get("INVICTUSD_RUN_SLOW") == "1"
+                or "slow" in (config.getoption("-m") or ""))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _slow_wanted(config):
+        skip = pytest.mark.skip(reason="slow: run with --run-slow, INVICTUSD_RUN_SLOW=1 or -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
     reason = _netns_unavailable()
     if reason is None:
         return

@@ -124,3 +124,59 @@ def lab_pair(config: LabConfig | None = None) -> Iterator[Pair]:
             for node in ("fw1", "fw2", "keepalived"):
                 print(f"---- {node} log ----\n{pair.log(node)[-6000:]}")
             raise
+
+
+# ---- captures and process figures (hostile, fault and soak tests) ---------------------------
+
+
+def pcap_frames(path: Path) -> list[tuple[float, bytes]]:
+    """(timestamp, Ethernet frame) of every record of a classic little-endian pcap file."""
+    data = Path(path).read_bytes()
+    out, off = [], 24
+    while off + 16 <= len(data):
+        sec = int.from_bytes(data[off : off + 4], "little")
+        usec = int.from_bytes(data[off + 4 : off + 8], "little")
+        incl = int.from_bytes(data[off + 8 : off + 12], "little")
+        out.append((sec + usec / 1e6, data[off + 16 : off + 16 + incl]))
+        off += 16 + incl
+    return out
+
+
+def udp_datagrams(path: Path) -> list[tuple[str, int, bytes]]:
+    """(source address, source port, payload) of every IPv4 UDP frame of a pcap."""
+    out = []
+    for _, frame in pcap_frames(path):
+        if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        udp = frame[14 + ihl :]
+        length = int.from_bytes(udp[4:6], "big")
+        src = ".".join(str(b) for b in frame[26:30])
+        out.append((src, int.from_bytes(udp[0:2], "big"), bytes(udp[8:length])))
+    return out
+
+
+def proc_figures(pid: int) -> tuple[int, int]:
+    """(VmRSS in KiB, open file descriptors) of a process."""
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (x, y) points (0 for fewer than two distinct x)."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+def error_events(pair: Pair, node: str) -> list[dict[str, Any]]:
+    """Log events at level error or above (what a user would have to act on)."""
+    return [e for e in pair.log_events(node) if e.get("level") in ("error", "critical")]
