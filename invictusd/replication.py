@@ -63,6 +63,8 @@ class Replication:
         self.events: EventSocket | None = None
         self.injector: Injector | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
+        # Its own thread: a takeover never queues behind a long kernel dump.
+        self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self._timer: asyncio.TimerHandle | None = None
         self._dumping = False
         self._held: list[FlowEvent] = []
@@ -151,6 +153,7 @@ class Replication:
         if self.sync.install_mark_rule:
             await loop.run_in_executor(self._pool, remove_mark_rule)
         self._pool.shutdown(wait=True)
+        self._commit_pool.shutdown(wait=True)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -300,7 +303,7 @@ class Replication:
         loop = asyncio.get_running_loop()
         injector = self.injector
         t0 = time.perf_counter()
-        result = await loop.run_in_executor(self._pool, injector.commit, flows)
+        result = await loop.run_in_executor(self._commit_pool, injector.commit, flows)
         duration = (time.perf_counter() - t0) * 1000
         self.last_commit = {
             "entries": len(flows), "duration_ms": round(duration, 2),
