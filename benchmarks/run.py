@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     except S.Invalid as e:
         print(f"\nINVALID RUN, no figures: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nINVALID RUN (benchmark error), no figures: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     raw["wall_seconds"] = round(time.monotonic() - t0, 1)
     md, _ = report.write(raw, a.out, None if a.no_readme else a.readme)
     print(md)

@@ -275,7 +275,10 @@ def failover(lab: Lab, stack: Stack, kind: str) -> dict[str, Any]:
         deadline = t_fault + 25.0
         while time.monotonic() < deadline:
             time.sleep(0.25)
-            snaps = [s.snapshot() for s in streams.values()]
+            try:
+                snaps = [s.snapshot() for s in streams.values()]
+            except TimeoutError:
+                continue  # a client busy retransmitting; ask again
             if all(any(a[2] > t_fault for a in fr.acks) or fr.error for fr in snaps):
                 break
         time.sleep(0.5)
