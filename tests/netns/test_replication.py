@@ -308,8 +308,8 @@ def test_ipv6_tcp_stream_and_its_gateway_address_survive_a_node_crash() -> None:
         assert c.lan_vip6 in {a.split("/")[0] for a in lab.addresses("fw1", c.lan_if)}
         s6 = lab.start_stream("tcp", c.plain_port, dst=c.server_ip6, label="tcp6", dead_after=8)
         s4 = lab.start_stream("tcp", c.snat_port, label="tcp4-snat", dead_after=8)
-        wait_for(lambda: any(k[0] == 6 for k in tables(pair, "fw2")["peer"]), 5,
-                 what="the IPv6 flow replicated")
+        wait_for(lambda: {k[0] for k in tables(pair, "fw2")["peer"]} == {4, 6}, 5,
+                 what="the IPv6 and the IPv4 flow replicated")
         _crash(pair, "node_crash")
         wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")
         wait_for(lambda: c.wan_vip6 in {a.split("/")[0] for a in lab.addresses("fw2", c.wan_if)},
