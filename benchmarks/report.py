@@ -125,6 +125,8 @@ def bar(s: dict[str, Any]) -> list[dict[str, Any]]:
 
     def check(name: str, value: float | None, limit: float, shown: str, le: bool = True) -> None:
         ok = None if value is None else (value <= limit if le else value >= limit)
+        if ok and shown.startswith("<") and not shown.startswith("<="):
+            ok = value is not None and value < limit
         out.append({"figure": name, "value": value, "bar": shown, "met": ok})
 
     for size, row in s["throughput"].items():

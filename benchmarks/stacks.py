@@ -86,9 +86,11 @@ class Invictus(Stack):
     def __init__(self, lab: Lab) -> None:
         super().__init__(lab)
         self.pair = Pair(lab)
+        self._events_before = 0
 
     def start(self) -> None:
         p = self.pair
+        self._events_before = len(p.log_events("fw2"))
         try:
             p.configure("fw1", start_as_master=True, sync=True)
             p.configure("fw2", start_as_master=False, sync=True)
@@ -121,8 +123,9 @@ class Invictus(Stack):
         return {"invictusd": p.pid} if p is not None and p.poll() is None else {}
 
     def backup_took_over(self) -> bool:
+        # The log is appended across samples: only lines since this start count.
         return any(e.get("event") == "state change" and e.get("new") == "master"
-                   for e in self.pair.log_events("fw2"))
+                   for e in self.pair.log_events("fw2")[self._events_before:])
 
     def takeover(self, expect: int) -> float:
         """SIGUSR1 (step down) on fw1; fw2's ``last_commit.duration_ms`` of ``expect`` entries."""
@@ -172,8 +175,10 @@ class KeepalivedConntrackd(Stack):
     def __init__(self, lab: Lab) -> None:
         super().__init__(lab)
         self.base = Baseline(lab)
+        self._notify_before = 0
 
     def start(self) -> None:
+        self._notify_before = len(self._notify_log("fw2"))
         try:
             self.base.start()
             self.wait_master("fw1")
@@ -193,7 +198,7 @@ class KeepalivedConntrackd(Stack):
         return self.base.nodes[node].external_count()
 
     def backup_took_over(self) -> bool:
-        return "primary-start" in self._notify_log("fw2")
+        return "primary-start" in self._notify_log("fw2")[self._notify_before:]
 
     def pids(self, node: str) -> dict[str, int]:
         return self.base.nodes[node].pids()
