@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,6 +324,10 @@ class SyncSession:
     def peer_flows(self) -> dict[FlowKey, Flow]:
         """A copy of the replicated peer table, keyed by original tuple."""
         return {k: v[0] for k, v in self._peer.items()}
+
+    def iter_peer_flows(self) -> Iterator[Flow]:
+        """The replicated peer flows without copying the table (do not hold across inputs)."""
+        return (v[0] for v in self._peer.values())
 
     def local_flows(self) -> dict[FlowKey, Flow]:
         """A copy of our own table as replicated, keyed by original tuple."""
