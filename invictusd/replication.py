@@ -194,6 +194,17 @@ class Replication:
         self._resync_wanted = False
         self._spawn(self._resync_from_kernel("netlink overrun"))
 
+    def _rearm_events(self) -> None:
+        """uvloop (libuv) stops watching a socket that polls with an error, silently: an
+        ENOBUFS on the event socket did that, and no event was read again. Re-arm each tick."""
+        if self.events is None:
+            return
+        loop = asyncio.get_running_loop()
+        fd = self.events.fileno()
+        loop.remove_reader(fd)
+        loop.add_reader(fd, self._on_events)
+        self._on_events()
+
     def _feed(self, batch: list[FlowEvent]) -> None:
         assert self.session is not None
         if not batch:
@@ -297,6 +308,7 @@ class Replication:
         next_resync = loop.time() + self.sync.resync_interval if self.sync.resync_interval else None
         while True:
             await asyncio.sleep(RATE_WINDOW)
+            self._rearm_events()
             now = loop.time()
             counters = self.session.status().get("counters", {})
             if self._rate_base is not None:
