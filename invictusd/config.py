@@ -77,7 +77,7 @@ class SyncConfig:
     key: bytes = field(default=b"", repr=False)
     key_source: str = ""  # "key_file", "key_credential" or "derived from the vrrp password"
     install_mark_rule: bool = True
-    flush_ms: float = 5.0
+    flush_ms: float = 0.0
     resync_interval: float = 0.0  # 0 = only on start, overrun, gap or digest mismatch
     rcvbuf_mb: int = 64
     commit_timeout_min: int = 60
@@ -352,7 +352,9 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         key=key,
         key_source=source,
         install_mark_rule=r.get("install_mark_rule", bool, True),
-        flush_ms=r.number("flush_ms", 0, 1000, 5.0),
+        # 0: a lone event leaves at once; a burst still fills datagrams, because events are
+        # read in batches per wake-up (measured lag p50 6 ms -> see README benchmarks).
+        flush_ms=r.number("flush_ms", 0, 1000, 0.0),
         resync_interval=r.number("resync_interval", 0, 86400 * 7, 0.0),
         rcvbuf_mb=r.int_in("rcvbuf_mb", 1, 2048, 64),
         commit_timeout_min=r.int_in("commit_timeout_min", 1, 86400, 60),
