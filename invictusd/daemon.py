@@ -48,7 +48,7 @@ from invictusd.vrrp.machine import (
     Transition,
 )
 
-HEARTBEAT = 0.1  # event-loop lag probe period (s)
+HEARTBEAT = 0.25  # event-loop lag probe period (s); lateness, not the period, reveals a stall
 STALL_WARN = 0.25  # a lag above this is logged as a stall
 
 
