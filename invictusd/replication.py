@@ -44,9 +44,10 @@ if TYPE_CHECKING:
 # gone for good; then there is nothing to wait for).
 BULK_HOLD_MAX = 15.0
 RATE_WINDOW = 1.0
-# Netlink datagrams (each holds many events) read per wake-up: a storm of events must not
-# keep the loop from sending adverts; what is left is read on the next turn.
-READ_BUDGET = 32
+# Netlink datagrams read per wake-up (a multicast event is one datagram): about 3 ms of
+# work, so a storm of events never keeps the loop from sending adverts, while a burst still
+# fills whole sync datagrams; what is left is read on the next turn.
+READ_BUDGET = 256
 
 
 def _node_id(address: ipaddress.IPv4Address) -> int:
