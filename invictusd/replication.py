@@ -183,6 +183,9 @@ class Replication:
             # queue has been drained: a dump taken now misses what is lost after it (seen:
             # 13k of a 20k burst never replicated). Dump once the queue is empty.
             self._resync_wanted = True
+            # libuv has just stopped watching the socket (its poll saw the error): watch it
+            # again now, not at the next periodic re-arm, or the queue overflows again.
+            asyncio.get_running_loop().call_soon(self._rearm_events)
         else:
             self._feed(batch)
         self._resync_if_drained()

@@ -37,6 +37,9 @@ class VrrpSocket:
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)  # CS6, network control
             tx.bind((str(source), 0))
             rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            # A flood of forged adverts must not crowd the real ones out of the queue while
+            # the loop is busy (default ~200 KB is ~1,000 packets).
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         except OSError:
             tx.close()
             rx.close()
