@@ -384,13 +384,14 @@ class Replication:
         if self._entry_size is not None and now - self._entry_size[0] < 30:
             return self._entry_size[1]
         flow = next(self.session.iter_peer_flows())
-        objs: list[Any] = [flow, flow.orig, flow.reply, flow.orig.src, flow.orig.dst,
-                           (flow, 0)]  # the session keeps (flow, generation) per entry
+        objs: list[Any] = [flow, flow.orig, flow.reply, flow.orig.src, flow.orig.dst]
         objs += [v for v in (flow.orig.sport, flow.orig.dport, flow.ct_id, flow.timeout,
                              flow.mark, flow.status) if not -5 <= v <= 256]
         if flow.reply.src is not flow.orig.dst:
             objs += [flow.reply.src, flow.reply.dst]
-        slot = 3 * 8 + 8  # a dict entry (hash, key, value) plus its index, amortised
+        # Entries of two dicts (the table, and ct id -> key) with their index slots, amortised,
+        # and the boxed ct id.
+        slot = 2 * (3 * 8 + 8) + sys.getsizeof(flow.ct_id)
         size = sum(sys.getsizeof(o) for o in objs) + slot
         self._entry_size = (now, size)
         return size

@@ -261,7 +261,9 @@ class SyncSession:
         self._max_request_seen = 0
 
         # receiver: the peer's table and the stream position
-        self._peer: dict[FlowKey, tuple[Flow, int]] = {}
+        # The peer's table. Its key hashes are not kept (they are key_hash(key), recomputed
+        # on update, delete and resync end): 100k entries would hold ~9 MB of them.
+        self._peer: dict[FlowKey, Flow] = {}
         self._peer_ids: dict[int, FlowKey] = {}
         self._peer_xor = 0
         self._rx_expect: int | None = None  # None: waiting for a SYNC_POINT
@@ -323,11 +325,11 @@ class SyncSession:
 
     def peer_flows(self) -> dict[FlowKey, Flow]:
         """A copy of the replicated peer table, keyed by original tuple."""
-        return {k: v[0] for k, v in self._peer.items()}
+        return dict(self._peer)
 
     def iter_peer_flows(self) -> Iterator[Flow]:
         """The replicated peer flows without copying the table (do not hold across inputs)."""
-        return (v[0] for v in self._peer.values())
+        return iter(self._peer.values())
 
     def local_flows(self) -> dict[FlowKey, Flow]:
         """A copy of our own table as replicated, keyed by original tuple."""
@@ -1017,51 +1019,45 @@ class SyncSession:
         for rec in records:
             if isinstance(rec, Update):
                 ukey = ids.get(rec.ct_id)
-                entry = peer.get(ukey) if ukey is not None else None
-                if ukey is None or entry is None or entry[1] & 0xFFFF != rec.check:
+                f = peer.get(ukey) if ukey is not None else None
+                if ukey is None or f is None or key_hash(ukey) & 0xFFFF != rec.check:
                     self.counters["update_unknown"] += 1
                     self._divergence(RequestReason.UNKNOWN_ID, now, f"update of id {rec.ct_id}")
                     continue
-                f = entry[0]
-                peer[ukey] = (
-                    Flow(f.orig, f.reply, rec.ct_id, rec.status, rec.timeout, rec.mark,
-                         rec.tcp_state),
-                    entry[1],
-                )  # fmt: skip
+                peer[ukey] = Flow(f.orig, f.reply, rec.ct_id, rec.status, rec.timeout, rec.mark,
+                                  rec.tcp_state)
             elif isinstance(rec, Flow):
                 key = rec.orig
                 cid = rec.ct_id
                 old = peer.get(key)
                 if old is None:
-                    h = key_hash(key)
-                    self._peer_xor ^= h
+                    self._peer_xor ^= key_hash(key)
                 else:
-                    h = old[1]
-                    oid = old[0].ct_id
+                    oid = old.ct_id
                     if oid != cid and ids.get(oid) == key:
                         del ids[oid]
-                peer[key] = (rec, h)
+                peer[key] = rec
                 ids[cid] = key
                 if refreshed is not None:
                     refreshed.add(key)
             elif isinstance(rec, Delete):
                 dkey = ids.get(rec.ct_id)
-                entry = peer.get(dkey) if dkey is not None else None
-                if dkey is None or entry is None or entry[1] & 0xFFFF != rec.check:
+                h = key_hash(dkey) if dkey is not None and dkey in peer else None
+                if dkey is None or h is None or h & 0xFFFF != rec.check:
                     self.counters["delete_unknown"] += 1
                     self._divergence(RequestReason.UNKNOWN_ID, now, f"delete of id {rec.ct_id}")
                     continue
                 del peer[dkey]
                 del ids[rec.ct_id]
-                self._peer_xor ^= entry[1]
+                self._peer_xor ^= h
             elif isinstance(rec, DeleteKey):
-                entry = peer.pop(rec.key, None)
-                if entry is None:
+                gone = peer.pop(rec.key, None)
+                if gone is None:
                     self.counters["delete_unknown"] += 1  # normal during a resync
                     continue
-                self._peer_xor ^= entry[1]
-                if ids.get(entry[0].ct_id) == rec.key:
-                    del ids[entry[0].ct_id]
+                self._peer_xor ^= key_hash(rec.key)
+                if ids.get(gone.ct_id) == rec.key:
+                    del ids[gone.ct_id]
             elif isinstance(rec, ResyncBegin):
                 ids.clear()
                 refreshed = self._refreshed = set()
@@ -1091,9 +1087,9 @@ class SyncSession:
         peer = self._peer
         stale: list[FlowKey] = []
         xor = 0  # recomputed, not trusted from incremental upkeep
-        for k, v in peer.items():
+        for k in peer:
             if k in refreshed:
-                xor ^= v[1]
+                xor ^= key_hash(k)
             else:
                 stale.append(k)
         for k in stale:
