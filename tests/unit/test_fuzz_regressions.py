@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from invictusd.sync import wire
 from invictusd.sync.session import SessionConfig, SyncSession
+from tests.timeouts import no_hang
 
 KEY = bytes(range(32))
 OURS, PEERS = 0x1111, 0x2222
-
-
-@contextmanager
-def _no_hang(seconds: int) -> Iterator[None]:
-    def fire(_sig: int, _frame: object) -> None:
-        raise TimeoutError(f"still running after {seconds}s: an unbounded loop")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _dg(t: wire.DatagramType, seq: int, records: list[wire.Record], flags: int = 0) -> bytes:
@@ -39,7 +22,7 @@ def test_peer_seq_far_ahead_does_not_freeze_the_nack_loop() -> None:
     far = (1 + (1 << 31) - 1) & wire.U32
     s.datagram_received(_dg(wire.DatagramType.DATA, 5, [wire.Digest(0, 0)]), 0.01)
     s.datagram_received(_dg(wire.DatagramType.ACK, far, []), 0.02)
-    with _no_hang(5):
+    with no_hang(5):
         s.timer(0.05)
         sent = s.datagrams_to_send(0.05)
     nacks = [wire.decode_datagram(d, KEY) for d in sent]

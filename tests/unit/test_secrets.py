@@ -7,14 +7,12 @@ daemon) is in tests/netns/test_hostile.py.
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from invictusd.config import MAX_SECRET_FILE, ConfigError, load, parse
+from tests.timeouts import no_hang
 
 PASSWORD = "pw-8chr!"
 KEY = b"k" * 16 + b"-sync-key-material"
@@ -35,20 +33,6 @@ enabled = true
 interface = "sync0"
 peer_address = "10.9.0.2"
 """
-
-
-@contextmanager
-def _no_hang(seconds: int) -> Iterator[None]:
-    def fire(_sig: int, _frame: object) -> None:
-        raise TimeoutError(f"config loading still running after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _with_key(path: str) -> str:
@@ -88,7 +72,7 @@ def test_key_credential_is_read_from_the_credentials_directory(
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
 def test_a_device_as_key_file_is_refused_not_read_forever(device: str) -> None:
     """/dev/zero used to be read to the end: memory without bound, a daemon that never starts."""
-    with _no_hang(10), pytest.raises(ConfigError) as info:
+    with no_hang(10, "config loading"), pytest.raises(ConfigError) as info:
         parse(_with_key(device))
     assert info.value.key == "sync.key_file"
     assert "regular file" in info.value.message
@@ -98,7 +82,7 @@ def test_a_fifo_as_password_file_is_refused_not_waited_on(tmp_path: Path) -> Non
     fifo = tmp_path / "pw"
     os.mkfifo(fifo)
     text = BASE.replace(f'password = "{PASSWORD}"', f'password_file = "{fifo}"')
-    with _no_hang(10), pytest.raises(ConfigError) as info:
+    with no_hang(10, "config loading"), pytest.raises(ConfigError) as info:
         parse(text)
     assert info.value.key == "vrrp[0].password_file"
 
