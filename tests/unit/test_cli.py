@@ -113,3 +113,21 @@ def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
     problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                 if "invictusd.service" in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
+
+
+def test_systemd_unit_keeps_secrets_out_of_core_dumps() -> None:
+    """Issue 8 item 4: a core dump would hold the password and the sync key."""
+    unit = (ROOT / "systemd/invictusd.service").read_text().splitlines()
+    assert "LimitCORE=0" in unit
+    assert any(line.startswith("ExecStopPost=") and " cleanup " in line for line in unit)
+
+
+def test_node_ids_cannot_collide_on_wide_subnets() -> None:
+    """Issue 8 item 12: the low 16 bits of the sync address collided beyond /16."""
+    from ipaddress import IPv4Address as A
+
+    from invictusd.replication import node_ids
+
+    a, b = A("10.0.0.1"), A("10.1.0.1")  # same low 16 bits
+    assert node_ids(a, b) == (1, 2) and node_ids(b, a) == (2, 1)
+    assert node_ids(a, b)[0] == node_ids(b, a)[1]
