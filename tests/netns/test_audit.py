@@ -215,7 +215,8 @@ def test_cleanup_undoes_the_record_whatever_the_config_says_now() -> None:
         lab = pair.lab
         c = lab.config
         _start_synced(pair)
-        assert {c.lan_vip6, c.wan_vip6} <= set(lab.addresses("fw1", c.lan_if) + lab.addresses("fw1", c.wan_if))
+        held = set(lab.addresses("fw1", c.lan_if) + lab.addresses("fw1", c.wan_if))
+        assert {c.lan_vip6, c.wan_vip6} <= held
         assert "invictusd" in lab.exec("fw1", "nft", "list", "tables")
         record = json.loads((Path(runtime_dir(lab, "fw1")) / "installed.json").read_text())
         assert f"{c.lan_vip6}/{c.prefix6}" in record["addresses"][c.lan_if]
@@ -283,7 +284,7 @@ def test_reload_moves_ipv6_virtual_addresses_and_stop_leaves_nothing() -> None:
 def test_socket_buffers_are_forced_past_rmem_max_and_reported() -> None:
     """Item 11: SO_RCVBUF is capped at net.core.rmem_max (208 KiB on stock Debian)."""
     rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
-    assert sync_socket.RCVBUF > rmem_max, "raise the test's sizes above this machine's rmem_max"
+    assert rmem_max < sync_socket.RCVBUF, "raise the test's sizes above this machine's rmem_max"
     with lab_pair() as pair:
         _start_synced(pair)
         s = pair.status("fw1")
