@@ -1,4 +1,4 @@
-"""Codec of the replication datagram (see ``docs/sync-protocol.md`` for the byte tables).
+"""Codec of the replication datagram, version 2 (byte tables: ``docs/sync-protocol.md``).
 
 Pure and symmetric: ``encode_datagram``/``DatagramBuilder`` produce bytes, ``decode_datagram``
 turns bytes back into a ``Datagram`` or raises ``WireError`` (``AuthError`` for a bad MAC)
@@ -7,9 +7,13 @@ naming the field and the offset. Nothing else ever escapes decoding: no ``IndexE
 
 Layout: a 32-byte header, the records, a 16-byte HMAC-SHA256 trailer over everything before
 it. A record starts with one byte, record type in the high nibble and flags in the low nibble.
-Records are ``NamedTuple``s (and a full record is the ``Flow`` itself): they are built once
-per conntrack event on the hot path, where tuples are several times cheaper than dataclass
-instances. Header and datagram are built once per datagram, so they are frozen dataclasses.
+
+Entries are named by their original tuple, never by a conntrack id (ids are local to each
+kernel): the receiver holds the replica in its kernel and keeps nothing per entry, so every
+record must be applicable to the kernel on its own. An entry record is an upsert, in one of
+two kinds that only differ in what the receiver tries first (``UPSERT_NEW``: create, for a
+conntrack NEW event; ``UPSERT``: update). Records are flat ``NamedTuple``s of plain values:
+they are made once per conntrack event on the hot path.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import enum
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from invictusd.flows import IPPROTO_ICMP, IPPROTO_ICMPV6, Flow, FlowKey, inverse
+from invictusd.flows import IPPROTO_ICMP, IPPROTO_ICMPV6, Flow, FlowKey
 
 MAGIC = b"IV"
-VERSION = 1
+VERSION = 2
 MAC_LEN = 16
 DEFAULT_MTU = 1400  # UDP payload budget of one datagram, header and MAC included
 
@@ -38,7 +42,7 @@ U64 = 0xFFFFFFFFFFFFFFFF
 
 
 class DatagramType(enum.IntEnum):
-    DATA = 1  # sequenced: carries FULL..DIGEST records
+    DATA = 1  # sequenced: carries entry and stream-control records
     ACK = 2  # header only; the ack field is the news
     NACK = 3  # NACK_RANGE records
     HELLO = 4  # header only; accepted whatever its receiver epoch (carries no state)
@@ -46,15 +50,14 @@ class DatagramType(enum.IntEnum):
 
 
 class RecordType(enum.IntEnum):
-    FULL = 1
-    UPDATE = 2
-    DELETE = 3
-    DELETE_KEY = 4
-    RESYNC_BEGIN = 5
-    RESYNC_END = 6
-    DIGEST = 7
-    NACK_RANGE = 8
-    RESYNC_REQUEST = 9
+    UPSERT_NEW = 1  # an entry, most likely new to the receiver (create first)
+    UPSERT = 2  # an entry, most likely known to the receiver (update first)
+    DELETE = 3  # remove the entry with this original tuple
+    RESYNC_BEGIN = 4
+    RESYNC_END = 5
+    DIGEST = 6
+    NACK_RANGE = 7
+    RESYNC_REQUEST = 8
 
 
 # Header flags.
@@ -67,13 +70,10 @@ RF_NAT = 0x2  # reply tuple present (else it is inverse(orig))
 RF_ZONE = 0x4  # zone u16 after each tuple present
 RF_PROTOINFO = 0x8  # tcp_state u8 present at the end (else TCP_NONE)
 
-_ALLOWED_FLAGS = {
-    RecordType.FULL: RF_V6 | RF_NAT | RF_ZONE | RF_PROTOINFO,
-    RecordType.UPDATE: RF_PROTOINFO,
-    RecordType.DELETE_KEY: RF_V6 | RF_ZONE,
-}
+_ENTRY_FLAGS = RF_V6 | RF_NAT | RF_ZONE | RF_PROTOINFO
+_DELETE_FLAGS = RF_V6 | RF_ZONE
 
-_DATA_RECORDS = frozenset(range(RecordType.FULL, RecordType.DIGEST + 1))
+_DATA_RECORDS = frozenset(range(RecordType.UPSERT_NEW, RecordType.DIGEST + 1))
 ALLOWED_RECORDS: dict[DatagramType, frozenset[int]] = {
     DatagramType.DATA: _DATA_RECORDS,
     DatagramType.ACK: frozenset(),
@@ -83,33 +83,29 @@ ALLOWED_RECORDS: dict[DatagramType, frozenset[int]] = {
 }
 _TYPES = {int(t): t for t in DatagramType}
 
-_T_FULL = RecordType.FULL << 4
-_T_UPDATE = RecordType.UPDATE << 4
-_T_DELETE = RecordType.DELETE << 4
-_T_DELETE_KEY = RecordType.DELETE_KEY << 4
-
 # Precompiled layouts. The common cases (no NAT, no zone) are one pack/unpack each.
-_F4P = struct.Struct(">BB4s4sHHIHIIB")  # 29: v4 with tcp_state
-_F4 = struct.Struct(">BB4s4sHHIHII")  # 28: v4 without
-_F6P = struct.Struct(">BB16s16sHHIHIIB")  # 53
-_F6 = struct.Struct(">BB16s16sHHIHII")  # 52
+_E4P = struct.Struct(">BB4s4sHHHIIB")  # 25: v4 with tcp_state
+_E4 = struct.Struct(">BB4s4sHHHII")  # 24: v4 without
+_E6P = struct.Struct(">BB16s16sHHHIIB")  # 49
+_E6 = struct.Struct(">BB16s16sHHHII")  # 48
 _HEAD2 = struct.Struct(">BB")
 _TUPLE4 = struct.Struct(">4s4sHH")
 _TUPLE6 = struct.Struct(">16s16sHH")
-_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
-_TAIL = struct.Struct(">IHII")  # ct_id, status, timeout, mark
-_UPDATE_P = struct.Struct(">BIHHIIB")  # 18
-_UPDATE = struct.Struct(">BIHHII")  # 17
-_DELETE = struct.Struct(">BIH")  # 7
+_TAIL = struct.Struct(">HII")  # status, timeout, mark
+_DEL4 = struct.Struct(">BB4s4sHH")  # 14
+_DEL6 = struct.Struct(">BB16s16sHH")  # 38
 _BEGIN = struct.Struct(">BI")  # 5
-_END = struct.Struct(">BIIQ")  # 17
+_END = struct.Struct(">BII")  # 9
 _DIGEST = struct.Struct(">BIQ")  # 13
 _NACK = struct.Struct(">BII")  # 9
 _REQUEST = struct.Struct(">BIB")  # 6
 _KEYHASH = struct.Struct(">BBHHH")
 
 _ICMPS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
+_T_NEW = RecordType.UPSERT_NEW << 4
+_T_UPSERT = RecordType.UPSERT << 4
+_T_DELETE = RecordType.DELETE << 4
 
 
 class WireError(ValueError):
@@ -126,8 +122,8 @@ class AuthError(WireError):
     """The MAC does not match: wrong key, corruption or forgery."""
 
 
-class FlowEncodeError(ValueError):
-    """A flow or header that cannot be encoded (a bug of the caller, not network input)."""
+class EncodeError(ValueError):
+    """A record or header that cannot be encoded (a bug of the caller, not network input)."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -149,24 +145,40 @@ class Header:
     flags: int = 0
 
 
-class Update(NamedTuple):
-    """Compact update of an entry the receiver knows under ``ct_id``."""
+class Entry(NamedTuple):
+    """An UPSERT_NEW/UPSERT record: one conntrack entry, flat. ``new`` says which kind."""
 
-    ct_id: int
-    check: int  # key_hash(orig) & 0xFFFF: guards against an id naming another entry
-    status: int
-    timeout: int
+    new: bool
+    family: int  # 4 or 6
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int  # ICMP: the id
+    dport: int  # ICMP: type << 8 | code
+    zone: int
+    rsrc: bytes  # the reply tuple (equal to the inverse of the original without NAT)
+    rdst: bytes
+    rsport: int
+    rdport: int
+    rzone: int
+    status: int  # bits 0-15 of the conntrack status
+    timeout: int  # seconds left when captured
     mark: int
-    tcp_state: int
+    tcp_state: int  # 0: none
+
+    @property
+    def is_nat(self) -> bool:
+        return (self.rsrc, self.rdst, self.rsport, self.rdport) != _inverse_ports(self)
 
 
 class Delete(NamedTuple):
-    ct_id: int
-    check: int
-
-
-class DeleteKey(NamedTuple):
-    key: FlowKey  # the original tuple
+    family: int
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    zone: int
 
 
 class ResyncBegin(NamedTuple):
@@ -175,13 +187,12 @@ class ResyncBegin(NamedTuple):
 
 class ResyncEnd(NamedTuple):
     gen: int
-    entries: int  # entries in the sender's table at this point of the stream
-    digest: int  # XOR of key_hash of those entries
+    entries: int  # entry records the sender put in this resync (informational)
 
 
 class Digest(NamedTuple):
     entries: int
-    digest: int
+    digest: int  # XOR of key_hash of those entries
 
 
 class NackRange(NamedTuple):
@@ -197,12 +208,11 @@ class ResyncRequest(NamedTuple):
 class RequestReason(enum.IntEnum):
     OTHER = 0
     DIGEST_MISMATCH = 1
-    UNKNOWN_ID = 2
-    STALLED = 3
+    STALLED = 2
+    APPLY_FAILED = 3  # the receiver's kernel refused entries
 
 
-# A ``Flow`` record is a FULL record (an upsert).
-Record = Flow | Update | Delete | DeleteKey | ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest
+Record = Entry | Delete | ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,170 +221,119 @@ class Datagram:
     records: tuple[Record, ...] = ()
 
 
-# ---- key hash ---------------------------------------------------------------------------
+# ---- tuples and the key hash ------------------------------------------------------------
+
+_ICMP_REPLY_TYPE = {8: 0, 13: 14, 15: 16, 17: 18}
+_ICMPV6_REPLY_TYPE = {128: 129, 130: 131}
 
 
-def key_hash(key: FlowKey) -> int:
+def reply_of(proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> tuple[bytes, bytes, int, int]:
+    """(src, dst, sport, dport) of the reply tuple the kernel expects without NAT."""
+    if proto in _ICMPS:
+        table = _ICMP_REPLY_TYPE if proto == IPPROTO_ICMP else _ICMPV6_REPLY_TYPE
+        t, code = dport >> 8, dport & 0xFF
+        return dst, src, sport, (table.get(t, t) << 8) | code
+    return dst, src, dport, sport
+
+
+def _inverse_ports(e: Entry | Delete) -> tuple[bytes, bytes, int, int]:
+    return reply_of(e.proto, e.src, e.dst, e.sport, e.dport)
+
+
+def key_bytes(family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int, zone: int) -> bytes:
+    """The identity of an entry (its original tuple and zone) as bytes: a dict key."""
+    return _KEYHASH.pack(family, proto, zone, sport, dport) + src + dst
+
+
+def key_hash(family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int, zone: int) -> int:
     """64-bit hash of an original tuple, identical on every node and Python version.
 
     BLAKE2b (not a linear hash like CRC) because digests XOR these together: with a linear
     hash, differing sets of structured keys (ports 1,2 vs 0,3) would XOR to the same value.
     """
-    family, proto, src, dst, sport, dport, zone = key
     return int.from_bytes(
-        hashlib.blake2b(_KEYHASH.pack(family, proto, zone, sport, dport) + src + dst, digest_size=8).digest()
+        hashlib.blake2b(key_bytes(family, proto, src, dst, sport, dport, zone), digest_size=8).digest()
     )
+
+
+def entry_key(e: Entry | Delete) -> bytes:
+    return key_bytes(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
 
 
 # ---- encoding ---------------------------------------------------------------------------
 
 
-def _flow_error(flow: Flow) -> FlowEncodeError:
-    """Slow path: say which field of ``flow`` cannot be encoded."""
-    o, r = flow.orig, flow.reply
-    for name, k in (("orig", o), ("reply", r)):
-        if k.family not in (4, 6):
-            return FlowEncodeError(f"{name}.family", f"{k.family!r} is not 4 or 6")
-        alen = 4 if k.family == 4 else 16
-        for part in ("src", "dst"):
-            addr = getattr(k, part)
-            if not isinstance(addr, bytes) or len(addr) != alen:
-                return FlowEncodeError(f"{name}.{part}", f"{addr!r} is not {alen} bytes")
-        for part, hi in (("proto", 0xFF), ("sport", 0xFFFF), ("dport", 0xFFFF), ("zone", 0xFFFF)):
-            v = getattr(k, part)
-            if not isinstance(v, int) or not 0 <= v <= hi:
-                return FlowEncodeError(f"{name}.{part}", f"{v!r} is out of range 0..{hi}")
-    if (r.family, r.proto) != (o.family, o.proto):
-        return FlowEncodeError("reply", "family/proto differ from the original tuple")
-    for part, hi in (
-        ("ct_id", U32),
-        ("status", 0xFFFF),
-        ("timeout", U32),
-        ("mark", U32),
-        ("tcp_state", 0xFF),
-    ):
-        v = getattr(flow, part)
-        if not isinstance(v, int) or not 0 <= v <= hi:
-            return FlowEncodeError(part, f"{v!r} is out of range 0..{hi}")
-    return FlowEncodeError("flow", f"cannot encode {flow!r}")
-
-
-def encode_full(flow: Flow) -> bytes:
-    """FULL record: the whole entry (an upsert on the receiver). 28-29 bytes for v4 without NAT."""
-    o, r = flow.orig, flow.reply
-    family, proto, src, dst, sport, dport, zone = o
+def encode_entry(e: Entry) -> bytes:
+    """UPSERT_NEW/UPSERT record: 24-25 bytes for v4 without NAT, 36-37 with, 48-49 for v6."""
+    family, proto, src, dst, sport, dport, zone = e[1:8]
     if family == 4:
-        alen, flags, plain_p, plain, tup = 4, 0, _F4P, _F4, _TUPLE4
+        alen, flags, plain_p, plain, tup = 4, 0, _E4P, _E4, _TUPLE4
     elif family == 6:
-        alen, flags, plain_p, plain, tup = 16, RF_V6, _F6P, _F6, _TUPLE6
+        alen, flags, plain_p, plain, tup = 16, RF_V6, _E6P, _E6, _TUPLE6
     else:
-        raise _flow_error(flow)
-    if len(src) != alen or len(dst) != alen:
-        raise _flow_error(flow)
-    # the inverse inline for TCP/UDP: this runs once per replicated event
-    nat = r != inverse(o) if proto in _ICMPS else r != (family, proto, dst, src, dport, sport, zone)
-    tcp = flow.tcp_state
+        raise EncodeError("family", f"{family!r} is not 4 or 6")
+    head = _T_NEW if e.new else _T_UPSERT
+    tcp = e.tcp_state
     try:
-        if not nat and not zone:
+        if len(src) != alen or len(dst) != alen or len(e.rsrc) != alen or len(e.rdst) != alen:
+            raise EncodeError("addresses", f"must be {alen} bytes for family {family}")
+        nat = e.is_nat
+        if not nat and not zone and not e.rzone:
             if tcp:
-                return plain_p.pack(
-                    _T_FULL | flags | RF_PROTOINFO, proto, src, dst, sport, dport,
-                    flow.ct_id, flow.status, flow.timeout, flow.mark, tcp,
-                )  # fmt: skip
-            return plain.pack(
-                _T_FULL | flags, proto, src, dst, sport, dport,
-                flow.ct_id, flow.status, flow.timeout, flow.mark,
-            )  # fmt: skip
-        has_zone = bool(zone) or (nat and bool(r.zone))
-        if has_zone:
-            flags |= RF_ZONE
-        if nat:
-            flags |= RF_NAT
-            if r.family != family or r.proto != proto or len(r.src) != alen or len(r.dst) != alen:
-                raise _flow_error(flow)
-        if tcp:
-            flags |= RF_PROTOINFO
-        parts = [_HEAD2.pack(_T_FULL | flags, proto), tup.pack(src, dst, sport, dport)]
+                return plain_p.pack(head | flags | RF_PROTOINFO, proto, src, dst, sport, dport,
+                                    e.status, e.timeout, e.mark, tcp)
+            return plain.pack(head | flags, proto, src, dst, sport, dport, e.status, e.timeout, e.mark)
+        has_zone = bool(zone or e.rzone)
+        flags |= (RF_ZONE if has_zone else 0) | (RF_NAT if nat else 0) | (RF_PROTOINFO if tcp else 0)
+        parts = [_HEAD2.pack(head | flags, proto), tup.pack(src, dst, sport, dport)]
         if has_zone:
             parts.append(_U16.pack(zone))
         if nat:
-            parts.append(tup.pack(r.src, r.dst, r.sport, r.dport))
+            parts.append(tup.pack(e.rsrc, e.rdst, e.rsport, e.rdport))
             if has_zone:
-                parts.append(_U16.pack(r.zone))
-        parts.append(_TAIL.pack(flow.ct_id, flow.status, flow.timeout, flow.mark))
+                parts.append(_U16.pack(e.rzone))
+        elif has_zone and e.rzone != zone:
+            raise EncodeError("rzone", "a reply zone of its own needs the reply tuple (NAT form)")
+        parts.append(_TAIL.pack(e.status, e.timeout, e.mark))
         if tcp:
-            parts.append(_U8.pack(tcp))
+            parts.append(bytes((tcp,)))
         return b"".join(parts)
-    except (struct.error, TypeError):
-        raise _flow_error(flow) from None
+    except (struct.error, TypeError, ValueError) as ex:
+        if isinstance(ex, EncodeError):
+            raise
+        raise EncodeError("entry", f"{e!r}: {ex}") from None
 
 
-def encode_update(ct_id: int, check: int, status: int, timeout: int, mark: int, tcp: int) -> bytes:
-    """UPDATE record: 17 bytes, 18 with a tcp_state."""
-    try:
-        if tcp:
-            return _UPDATE_P.pack(_T_UPDATE | RF_PROTOINFO, ct_id, check, status, timeout, mark, tcp)
-        return _UPDATE.pack(_T_UPDATE, ct_id, check, status, timeout, mark)
-    except struct.error:
-        for name, v, hi in (
-            ("ct_id", ct_id, U32),
-            ("check", check, 0xFFFF),
-            ("status", status, 0xFFFF),
-            ("timeout", timeout, U32),
-            ("mark", mark, U32),
-            ("tcp_state", tcp, 0xFF),
-        ):
-            if not 0 <= v <= hi:
-                raise FlowEncodeError(name, f"{v!r} is out of range 0..{hi}") from None
-        raise
-
-
-def encode_delete(ct_id: int, check: int) -> bytes:
-    """DELETE record: 7 bytes."""
-    try:
-        return _DELETE.pack(_T_DELETE, ct_id, check)
-    except struct.error:
-        raise FlowEncodeError("ct_id", f"{ct_id!r}/{check!r} out of range") from None
-
-
-def encode_delete_key(key: FlowKey) -> bytes:
-    """DELETE_KEY record: the original tuple (14 bytes for v4 without zone)."""
-    family, proto, src, dst, sport, dport, zone = key
+def encode_delete(d: Delete) -> bytes:
+    """DELETE record: the original tuple (14 bytes for v4 without zone)."""
+    family, proto, src, dst, sport, dport, zone = d
     if family == 4:
-        alen, flags, tup = 4, 0, _TUPLE4
+        alen, flags, st, tup = 4, 0, _DEL4, _TUPLE4
     elif family == 6:
-        alen, flags, tup = 16, RF_V6, _TUPLE6
+        alen, flags, st, tup = 16, RF_V6, _DEL6, _TUPLE6
     else:
-        raise FlowEncodeError("key.family", f"{family!r} is not 4 or 6")
+        raise EncodeError("family", f"{family!r} is not 4 or 6")
     if len(src) != alen or len(dst) != alen:
-        raise FlowEncodeError("key.src", f"addresses must be {alen} bytes")
+        raise EncodeError("addresses", f"must be {alen} bytes")
     try:
         if zone:
-            return b"".join((
-                _HEAD2.pack(_T_DELETE_KEY | flags | RF_ZONE, proto),
-                tup.pack(src, dst, sport, dport),
-                _U16.pack(zone),
-            ))  # fmt: skip
-        return _HEAD2.pack(_T_DELETE_KEY | flags, proto) + tup.pack(src, dst, sport, dport)
-    except struct.error:
-        raise FlowEncodeError("key", f"{key!r} out of range") from None
+            return _HEAD2.pack(_T_DELETE | flags | RF_ZONE, proto) + tup.pack(src, dst, sport, dport) + \
+                _U16.pack(zone)
+        return st.pack(_T_DELETE | flags, proto, src, dst, sport, dport)
+    except struct.error as ex:
+        raise EncodeError("delete", f"{d!r}: {ex}") from None
 
 
 def encode_record(rec: Record) -> bytes:
-    """Any record to bytes (the session uses the specialised encoders directly)."""
     try:
-        if isinstance(rec, Flow):
-            return encode_full(rec)
-        if isinstance(rec, Update):
-            return encode_update(*rec)
+        if isinstance(rec, Entry):
+            return encode_entry(rec)
         if isinstance(rec, Delete):
-            return encode_delete(*rec)
-        if isinstance(rec, DeleteKey):
-            return encode_delete_key(rec.key)
+            return encode_delete(rec)
         if isinstance(rec, ResyncBegin):
             return _BEGIN.pack(RecordType.RESYNC_BEGIN << 4, rec.gen)
         if isinstance(rec, ResyncEnd):
-            return _END.pack(RecordType.RESYNC_END << 4, rec.gen, rec.entries, rec.digest)
+            return _END.pack(RecordType.RESYNC_END << 4, rec.gen, rec.entries)
         if isinstance(rec, Digest):
             return _DIGEST.pack(RecordType.DIGEST << 4, rec.entries, rec.digest)
         if isinstance(rec, NackRange):
@@ -382,25 +341,41 @@ def encode_record(rec: Record) -> bytes:
         if isinstance(rec, ResyncRequest):
             return _REQUEST.pack(RecordType.RESYNC_REQUEST << 4, rec.request_id, rec.reason)
     except struct.error as e:
-        raise FlowEncodeError(type(rec).__name__, f"{rec!r}: {e}") from None
-    raise FlowEncodeError("record", f"not a record: {rec!r}")
-
-
-def record_type_of(rec: Record) -> RecordType:
-    return _RECORD_TYPES[type(rec)]
+        raise EncodeError(type(rec).__name__, f"{rec!r}: {e}") from None
+    raise EncodeError("record", f"not a record: {rec!r}")
 
 
 _RECORD_TYPES: dict[type, RecordType] = {
-    Flow: RecordType.FULL,
-    Update: RecordType.UPDATE,
     Delete: RecordType.DELETE,
-    DeleteKey: RecordType.DELETE_KEY,
     ResyncBegin: RecordType.RESYNC_BEGIN,
     ResyncEnd: RecordType.RESYNC_END,
     Digest: RecordType.DIGEST,
     NackRange: RecordType.NACK_RANGE,
     ResyncRequest: RecordType.RESYNC_REQUEST,
 }
+
+
+def record_type_of(rec: Record) -> RecordType:
+    if isinstance(rec, Entry):
+        return RecordType.UPSERT_NEW if rec.new else RecordType.UPSERT
+    return _RECORD_TYPES[type(rec)]
+
+
+def entry_from_flow(flow: Flow, new: bool) -> Entry:
+    o, r = flow.orig, flow.reply
+    return Entry(new, o.family, o.proto, o.src, o.dst, o.sport, o.dport, o.zone,
+                 r.src, r.dst, r.sport, r.dport, r.zone, flow.status & 0xFFFF, flow.timeout,
+                 flow.mark, flow.tcp_state)
+
+
+def flow_from_entry(e: Entry) -> Flow:
+    orig = FlowKey(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+    reply = FlowKey(e.family, e.proto, e.rsrc, e.rdst, e.rsport, e.rdport, e.rzone)
+    return Flow(orig, reply, 0, e.status, e.timeout, e.mark, e.tcp_state)
+
+
+def delete_from_key(k: FlowKey) -> Delete:
+    return Delete(k.family, k.proto, k.src, k.dst, k.sport, k.dport, k.zone)
 
 
 def _pack_header(header: Header) -> bytes:
@@ -410,7 +385,7 @@ def _pack_header(header: Header) -> bytes:
             header.sender_epoch, header.receiver_epoch, header.seq, header.ack,
         )  # fmt: skip
     except struct.error as e:
-        raise FlowEncodeError("header", f"{header!r}: {e}") from None
+        raise EncodeError("header", f"{header!r}: {e}") from None
 
 
 def seal(body: bytes, key: bytes) -> bytes:
@@ -421,17 +396,17 @@ def seal(body: bytes, key: bytes) -> bytes:
 def encode_datagram(
     header: Header, records: Iterable[Record], key: bytes, mtu: int | None = DEFAULT_MTU
 ) -> bytes:
-    """Header, records and MAC. Raises ``FlowEncodeError`` if a record does not belong in this
+    """Header, records and MAC. Raises ``EncodeError`` if a record does not belong in this
     datagram type or the result exceeds ``mtu`` (``None``: no limit)."""
     allowed = ALLOWED_RECORDS[header.type]
     parts = [_pack_header(header)]
     for rec in records:
-        if _RECORD_TYPES.get(type(rec)) not in allowed:
-            raise FlowEncodeError("records", f"{type(rec).__name__} not allowed in {header.type.name}")
+        if record_type_of(rec) not in allowed:
+            raise EncodeError("records", f"{type(rec).__name__} not allowed in {header.type.name}")
         parts.append(encode_record(rec))
     out = seal(b"".join(parts), key)
     if mtu is not None and len(out) > mtu:
-        raise FlowEncodeError("records", f"datagram of {len(out)} bytes exceeds mtu {mtu}")
+        raise EncodeError("records", f"datagram of {len(out)} bytes exceeds mtu {mtu}")
     return out
 
 
@@ -445,7 +420,7 @@ class DatagramBuilder:
 
     def __init__(self, mtu: int = DEFAULT_MTU) -> None:
         if mtu < MIN_DATAGRAM + 64:
-            raise FlowEncodeError("mtu", f"{mtu} leaves no room for records")
+            raise EncodeError("mtu", f"{mtu} leaves no room for records")
         self.capacity = mtu - HEADER_LEN - MAC_LEN
         self._parts: list[bytes] = []
         self._size = 0
@@ -463,10 +438,6 @@ class DatagramBuilder:
     @property
     def size(self) -> int:
         return self._size
-
-    @property
-    def remaining(self) -> int:
-        return self.capacity - self._size
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -492,12 +463,12 @@ def pack_records(records: Sequence[bytes], mtu: int = DEFAULT_MTU) -> list[list[
     for rec in records:
         if not b.add(rec):
             if not cur:
-                raise FlowEncodeError("records", f"a record of {len(rec)} bytes never fits")
+                raise EncodeError("records", f"a record of {len(rec)} bytes never fits")
             groups.append(cur)
             cur = []
             b.clear()
             if not b.add(rec):
-                raise FlowEncodeError("records", f"a record of {len(rec)} bytes never fits")
+                raise EncodeError("records", f"a record of {len(rec)} bytes never fits")
         cur.append(rec)
     if cur:
         groups.append(cur)
@@ -545,10 +516,7 @@ def decode_datagram(data: bytes, key: bytes) -> Datagram:
     if not hmac.compare_digest(mac, data[end:]):
         raise AuthError("mac", end, "MAC mismatch")
     header = decode_header(data)
-    if header.type is DatagramType.DATA:
-        records = _decode_records(data, HEADER_LEN, end, _DATA_RECORDS)
-    else:
-        records = _decode_records(data, HEADER_LEN, end, ALLOWED_RECORDS[header.type])
+    records = _decode_records(bytes(data), HEADER_LEN, end, ALLOWED_RECORDS[header.type])
     return Datagram(header, tuple(records))
 
 
@@ -556,37 +524,23 @@ def _truncated(name: str, off: int) -> WireError:
     return WireError("record", off, f"truncated {name} record")
 
 
-# Integer copies of the enum values: enum attribute lookups cost more than the work here.
-_R_FULL, _R_UPDATE, _R_DELETE, _R_DELETE_KEY = 1, 2, 3, 4
-# Plain FULL layouts (no NAT, no zone) by flags: (struct, family, has tcp_state)
-_PLAIN_FULL = {
-    0: (_F4, 4, False),
-    RF_PROTOINFO: (_F4P, 4, True),
-    RF_V6: (_F6, 6, False),
-    RF_V6 | RF_PROTOINFO: (_F6P, 6, True),
+# Plain entry layouts (no NAT, no zone) by flags: (struct, family, has tcp_state)
+_PLAIN = {
+    0: (_E4, 4, False),
+    RF_PROTOINFO: (_E4P, 4, True),
+    RF_V6: (_E6, 6, False),
+    RF_V6 | RF_PROTOINFO: (_E6P, 6, True),
 }
-# NamedTuple.__new__ is a Python-level function; tuple.__new__ builds the same object in C.
-_new = tuple.__new__
-
-
-# Values shared by many records (addresses, ports, marks, timeouts); bounded, checked once
-# per datagram, so a stream of ever-new values cannot grow them.
-_INTERN_MAX = 1 << 17
-_ADDRS: dict[bytes, bytes] = {}
-_INTS: dict[int, int] = {}
+_new = tuple.__new__  # NamedTuple.__new__ is a Python function; this is the same in C
+_R_NEW, _R_UPSERT, _R_DELETE = 1, 2, 3
 
 
 def _decode_records(data: bytes, off: int, end: int, allowed: frozenset[int]) -> list[Record]:
     out: list[Record] = []
     append = out.append
-    plain_full = _PLAIN_FULL
+    plain = _PLAIN
     icmps = _ICMPS
     new = _new
-    if len(_ADDRS) > _INTERN_MAX:
-        _ADDRS.clear()
-    if len(_INTS) > _INTERN_MAX:
-        _INTS.clear()
-    intern_addr, intern_int = _ADDRS.setdefault, _INTS.setdefault
     while off < end:
         b0 = data[off]
         rt = b0 >> 4
@@ -595,110 +549,77 @@ def _decode_records(data: bytes, off: int, end: int, allowed: frozenset[int]) ->
             if 1 <= rt <= len(RecordType):
                 raise WireError("record_type", off, f"{RecordType(rt).name} not allowed here")
             raise WireError("record_type", off, f"unknown record type {rt}")
-        if rt == _R_UPDATE:
-            if fl & ~RF_PROTOINFO:
-                raise WireError("record_flags", off, f"0x{fl:x} not valid for UPDATE")
-            if fl:
-                if off + 18 > end:
-                    raise _truncated("UPDATE", off)
-                _, cid, chk, st, to, mk, tcp = _UPDATE_P.unpack_from(data, off)
-                if tcp == 0:
-                    raise WireError("tcp_state", off + 17, "present but 0")
-                off += 18
-            else:
-                if off + 17 > end:
-                    raise _truncated("UPDATE", off)
-                _, cid, chk, st, to, mk = _UPDATE.unpack_from(data, off)
-                tcp = 0
-                off += 17
-            append(new(Update, (cid, chk, st, to, mk, tcp)))
-        elif rt == _R_FULL:
-            plain = plain_full.get(fl)
-            if plain is None:
-                off = _decode_full(data, off, end, fl, append)
+        if rt in (_R_NEW, _R_UPSERT):
+            p = plain.get(fl)
+            if p is None:
+                off = _decode_entry(data, off, end, rt == _R_NEW, fl, out)
                 continue
-            s, family, has_tcp = plain
+            s, family, has_tcp = p
             if off + s.size > end:
-                raise _truncated("FULL", off)
+                raise _truncated("entry", off)
             if has_tcp:
-                _, proto, src, dst, sp, dp, cid, st, to, mk, tcp = s.unpack_from(data, off)
+                _, proto, src, dst, sp, dp, st, to, mk, tcp = s.unpack_from(data, off)
                 if tcp == 0:
                     raise WireError("tcp_state", off + s.size - 1, "present but 0")
             else:
-                _, proto, src, dst, sp, dp, cid, st, to, mk = s.unpack_from(data, off)
+                _, proto, src, dst, sp, dp, st, to, mk = s.unpack_from(data, off)
                 tcp = 0
-            # Interned: a replica of 100k flows shares a few hundred addresses, ports and
-            # marks instead of holding 100k copies of each (measured: -15% of both tables).
-            src, dst = intern_addr(src, src), intern_addr(dst, dst)
-            sp, dp = intern_int(sp, sp), intern_int(dp, dp)
-            st, to, mk = intern_int(st, st), intern_int(to, to), intern_int(mk, mk)
-            orig = new(FlowKey, (family, proto, src, dst, sp, dp, 0))
-            reply = inverse(orig) if proto in icmps else new(FlowKey, (family, proto, dst, src, dp, sp, 0))
-            append(new(Flow, (orig, reply, cid, st, to, mk, tcp)))
+            if proto in icmps:
+                rs, rd, rsp, rdp = reply_of(proto, src, dst, sp, dp)
+                append(new(Entry, (rt == _R_NEW, family, proto, src, dst, sp, dp, 0,
+                                   rs, rd, rsp, rdp, 0, st, to, mk, tcp)))
+            else:
+                append(new(Entry, (rt == _R_NEW, family, proto, src, dst, sp, dp, 0,
+                                   dst, src, dp, sp, 0, st, to, mk, tcp)))
             off += s.size
         elif rt == _R_DELETE:
-            if fl:
+            if fl & ~_DELETE_FLAGS:
                 raise WireError("record_flags", off, f"0x{fl:x} not valid for DELETE")
-            if off + 7 > end:
-                raise _truncated("DELETE", off)
-            _, cid, chk = _DELETE.unpack_from(data, off)
-            append(new(Delete, (cid, chk)))
-            off += 7
-        elif rt == _R_DELETE_KEY:
-            if fl & ~(RF_V6 | RF_ZONE):
-                raise WireError("record_flags", off, f"0x{fl:x} not valid for DELETE_KEY")
-            alen, tup = (16, _TUPLE6) if fl & RF_V6 else (4, _TUPLE4)
-            size = 2 + tup.size + (2 if fl & RF_ZONE else 0)
+            v6 = fl & RF_V6
+            s = _DEL6 if v6 else _DEL4
+            size = s.size + (2 if fl & RF_ZONE else 0)
             if off + size > end:
-                raise _truncated("DELETE_KEY", off)
-            proto = data[off + 1]
-            src, dst, sp, dp = tup.unpack_from(data, off + 2)
-            zone = _U16.unpack_from(data, off + 2 + tup.size)[0] if fl & RF_ZONE else 0
-            if fl & RF_ZONE and zone == 0:
-                raise WireError("zone", off + 2 + tup.size, "present but 0")
-            append(DeleteKey(FlowKey(6 if alen == 16 else 4, proto, src, dst, sp, dp, zone)))
+                raise _truncated("DELETE", off)
+            _, proto, src, dst, sp, dp = s.unpack_from(data, off)
+            zone = 0
+            if fl & RF_ZONE:
+                zone = _U16.unpack_from(data, off + s.size)[0]
+                if zone == 0:
+                    raise WireError("zone", off + s.size, "present but 0")
+            append(new(Delete, (6 if v6 else 4, proto, src, dst, sp, dp, zone)))
             off += size
         else:
             if fl:
                 raise WireError("record_flags", off, f"0x{fl:x} not valid for {RecordType(rt).name}")
-            fs = _FIXED[rt]
+            fs, cls = _FIXED[rt]
             if off + fs.size > end:
                 raise _truncated(RecordType(rt).name, off)
-            vals = fs.unpack_from(data, off)
-            append(_FIXED_CLS[rt](*vals[1:]))
+            append(cls(*fs.unpack_from(data, off)[1:]))
             off += fs.size
     return out
 
 
-_FIXED: dict[int, struct.Struct] = {
-    RecordType.RESYNC_BEGIN: _BEGIN,
-    RecordType.RESYNC_END: _END,
-    RecordType.DIGEST: _DIGEST,
-    RecordType.NACK_RANGE: _NACK,
-    RecordType.RESYNC_REQUEST: _REQUEST,
-}
-_FIXED_CLS: dict[int, type[ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest]] = {
-    RecordType.RESYNC_BEGIN: ResyncBegin,
-    RecordType.RESYNC_END: ResyncEnd,
-    RecordType.DIGEST: Digest,
-    RecordType.NACK_RANGE: NackRange,
-    RecordType.RESYNC_REQUEST: ResyncRequest,
+_Fixed = ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest
+_FIXED: dict[int, tuple[struct.Struct, type[_Fixed]]] = {
+    RecordType.RESYNC_BEGIN: (_BEGIN, ResyncBegin),
+    RecordType.RESYNC_END: (_END, ResyncEnd),
+    RecordType.DIGEST: (_DIGEST, Digest),
+    RecordType.NACK_RANGE: (_NACK, NackRange),
+    RecordType.RESYNC_REQUEST: (_REQUEST, ResyncRequest),
 }
 
 
-def _decode_full(data: bytes, off: int, end: int, fl: int, append: Callable[[Record], None]) -> int:
+def _decode_entry(data: bytes, off: int, end: int, is_new: bool, fl: int, out: list[Record]) -> int:
+    """The general entry layout (NAT and/or zones)."""
     start = off
     v6 = fl & RF_V6
     family = 6 if v6 else 4
     tup = _TUPLE6 if v6 else _TUPLE4
     zlen = 2 if fl & RF_ZONE else 0
-    size = (
-        2 + tup.size + zlen
-        + ((tup.size + zlen) if fl & RF_NAT else 0)
-        + _TAIL.size + (1 if fl & RF_PROTOINFO else 0)
-    )  # fmt: skip
+    size = (2 + tup.size + zlen + ((tup.size + zlen) if fl & RF_NAT else 0)
+            + _TAIL.size + (1 if fl & RF_PROTOINFO else 0))
     if off + size > end:
-        raise _truncated("FULL", off)
+        raise _truncated("entry", off)
     proto = data[off + 1]
     off += 2
     src, dst, sp, dp = tup.unpack_from(data, off)
@@ -707,22 +628,22 @@ def _decode_full(data: bytes, off: int, end: int, fl: int, append: Callable[[Rec
     if zlen:
         zone = _U16.unpack_from(data, off)[0]
         off += 2
-    orig = FlowKey(family, proto, src, dst, sp, dp, zone)
+    inv = reply_of(proto, src, dst, sp, dp)
+    rs, rd, rsp, rdp = inv
+    rzone = zone
     if fl & RF_NAT:
-        rsrc, rdst, rsp, rdp = tup.unpack_from(data, off)
+        rs, rd, rsp, rdp = tup.unpack_from(data, off)
         off += tup.size
-        rzone = 0
         if zlen:
             rzone = _U16.unpack_from(data, off)[0]
             off += 2
-        reply = FlowKey(family, proto, rsrc, rdst, rsp, rdp, rzone)
-        if reply == inverse(orig):
+        if (rs, rd, rsp, rdp) == inv:
             raise WireError("reply", start, "NAT flag set but the reply is the inverse")
-    else:
-        reply = inverse(orig)
-    if zlen and not (zone or (fl & RF_NAT and reply.zone)):
+    if zlen and not (zone or rzone):
         raise WireError("zone", start, "zone flag set but all zones are 0")
-    cid, st, to, mk = _TAIL.unpack_from(data, off)
+    if zlen and not fl & RF_NAT and rzone != zone:
+        raise WireError("zone", start, "reply zone differs without the NAT form")
+    st, to, mk = _TAIL.unpack_from(data, off)
     off += _TAIL.size
     tcp = 0
     if fl & RF_PROTOINFO:
@@ -730,5 +651,6 @@ def _decode_full(data: bytes, off: int, end: int, fl: int, append: Callable[[Rec
         if tcp == 0:
             raise WireError("tcp_state", off, "present but 0")
         off += 1
-    append(Flow(orig, reply, cid, st, to, mk, tcp))
+    out.append(Entry(is_new, family, proto, src, dst, sp, dp, zone, rs, rd, rsp, rdp, rzone,
+                     st, to, mk, tcp))
     return off
