@@ -88,7 +88,11 @@ class SyncConfig:
     flush_ms: float = 0.0
     resync_interval: float = 0.0  # 0 = only on start, overrun, gap or digest mismatch
     rcvbuf_mb: int = 64
-    commit_timeout_min: int = 60
+    replica_bit: int = 29  # the mark bit of entries held for the peer (never announced)
+    generation_bit: int = 28  # the mark bit of the resync that last refreshed a replica entry
+    replica_timeout: int = 432_000  # seconds a replica entry lives without the master's word
+    max_replica_entries: int = 0  # 0: 90% of nf_conntrack_max
+    digest_interval: float = 300.0  # seconds between digests of the whole table (0: none)
     preempt_hold_max: float = 0.0  # 0: preemption waits for the peer's table however long
     # What the receiver accepts from the peer: anything else is dropped and counted.
     zones: frozenset[int] = frozenset({0})
@@ -341,7 +345,8 @@ def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
 
 SYNC_KEYS = frozenset({
     "enabled", "interface", "peer_address", "mark_bit", "port", "key_file", "key_credential",
-    "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "commit_timeout_min",
+    "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "replica_bit",
+    "generation_bit", "replica_timeout", "max_replica_entries", "digest_interval",
     "zones", "families", "preempt_hold_max",
 })
 
@@ -373,11 +378,18 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         raise r.err(ks, f"key is {len(key)} bytes; use at least {MIN_KEY} ({KEYGEN_HINT})")
     zones = _zones(r)
     families = _families(r, vrrp)
+    mark_bit = r.int_in("mark_bit", 0, 31, DEFAULT_MARK_BIT)
+    replica_bit = r.int_in("replica_bit", 0, 31, 29)
+    generation_bit = r.int_in("generation_bit", 0, 31, 28)
+    if len({mark_bit, replica_bit, generation_bit}) != 3:
+        clash = "generation_bit" if "generation_bit" in r.table else "replica_bit"
+        raise r.err(clash, f"mark_bit {mark_bit}, replica_bit {replica_bit} and generation_bit "
+                    f"{generation_bit} must be three different bits of the conntrack mark")
     return SyncConfig(
         enabled=True,
         interface=interface,
         peer_address=peer,
-        mark_bit=r.int_in("mark_bit", 0, 31, DEFAULT_MARK_BIT),
+        mark_bit=mark_bit,
         port=r.int_in("port", 1, 65535, DEFAULT_SYNC_PORT),
         key=key,
         key_source=ks,
@@ -387,7 +399,11 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         flush_ms=r.number("flush_ms", 0, 1000, 0.0),
         resync_interval=r.number("resync_interval", 0, 86400 * 7, 0.0),
         rcvbuf_mb=r.int_in("rcvbuf_mb", 1, 2048, 64),
-        commit_timeout_min=r.int_in("commit_timeout_min", 1, 86400, 60),
+        replica_bit=replica_bit,
+        generation_bit=generation_bit,
+        replica_timeout=r.int_in("replica_timeout", 600, 2_000_000, 432_000),
+        max_replica_entries=r.int_in("max_replica_entries", 0, 1 << 31, 0),
+        digest_interval=r.number("digest_interval", 0, 86400, 300.0),
         preempt_hold_max=r.number("preempt_hold_max", 0, 86400 * 7, 0.0),
         zones=zones,
         families=families,

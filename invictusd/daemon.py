@@ -28,6 +28,7 @@ from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
 from invictusd.io.vrrp_socket import VrrpSocket
 from invictusd.loopmon import LoopMonitor
 from invictusd.notify import Notifier
+from invictusd.replication import ReplicaEnv
 from invictusd.vrrp import packet
 from invictusd.vrrp.filter import LaneSpec
 from invictusd.vrrp.machine import (
@@ -64,12 +65,11 @@ RTNL_BUDGET = 64  # rtnetlink datagrams per wake-up
 
 
 class Replica(Protocol):
-    """What the daemon needs of conntrack replication (``invictusd.replication``)."""
+    """What the daemon needs of conntrack replication (``invictusd.replication``); the
+    engine reaches back only through the ``ReplicaEnv`` it is started with."""
 
-    async def start(self, daemon: Daemon) -> None: ...
-    async def commit(self) -> dict[str, Any]: ...
-    def became_master(self) -> None: ...
-    def became_backup(self) -> None: ...
+    async def start(self, env: ReplicaEnv) -> None: ...
+    def set_role(self, master: bool) -> None: ...
     def link_changed(self, ifindex: int, up: bool) -> None: ...
     def status(self) -> dict[str, Any]: ...
     async def tables(self) -> dict[str, Any]: ...
@@ -176,7 +176,8 @@ class Daemon:
         self.callback_errors = 0
         self.max_loop_lag = 0.0
         self.last_stall: dict[str, Any] | None = None
-        self.last_commit: dict[str, Any] | None = None
+        self.last_takeover: dict[str, Any] | None = None
+        self._took_over_at: float | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -230,8 +231,10 @@ class Daemon:
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
             assert self.replica is not None
+            env = ReplicaEnv(links=self.links.snapshot, demote=self.set_demoted,
+                             record_table=self._record_table)
             try:
-                await self.replica.start(self)
+                await self.replica.start(env)
             except Exception as e:
                 raise StartError(f"replication: {e}") from e
 
@@ -477,11 +480,10 @@ class Daemon:
         for v in self.cfg.vrrp:
             level("state change", old=t.old.value, new=t.new.value, reason=t.reason,
                   interface=v.interface, vrid=v.virtual_id)
-        if self.replica is not None:
-            if t.new is State.MASTER:
-                self.replica.became_master()
-            elif t.old is State.MASTER:
-                self.replica.became_backup()
+        if t.new is State.MASTER:
+            self._took_over_at = time.perf_counter()
+        if self.replica is not None and (t.new is State.MASTER or t.old is State.MASTER):
+            self.replica.set_role(t.new is State.MASTER)
         self.notifier.status(self._status_line())
 
     # ---- what the worker does (ActionWorker's Target) -------------------------------------
@@ -489,9 +491,11 @@ class Daemon:
     def is_master(self) -> bool:
         return self.machine is not None and self.machine.state is State.MASTER
 
-    async def commit(self) -> None:
-        if self.replica is not None:
-            self.last_commit = await self.replica.commit()
+    def _record_table(self, table: str, installed: bool) -> None:
+        if installed:
+            self.installed.installing_table(table)
+        else:
+            self.installed.removed_table(table)
 
     async def set_addresses(self, present: bool) -> None:
         """Master: the configured addresses on every interface (and none of an older
@@ -507,6 +511,10 @@ class Daemon:
                 await self.links.add(inst.ifindex, wanted)
             else:
                 await self._remove(inst, wanted + self._recorded(inst))
+        if present and self._took_over_at is not None:
+            # From the decision to the last address in place: the replica waits for nothing.
+            self.last_takeover = {"addresses_ms": round((time.perf_counter() - self._took_over_at) * 1000, 2)}
+            self._took_over_at = None
 
     async def _remove(self, inst: Instance, addrs: list[IPv4If | IPv6If]) -> None:
         unique = list({str(a): a for a in addrs}.values())
@@ -708,6 +716,7 @@ class Daemon:
                 "demoted": m.demoted,
                 "demoted_reason": m.demoted_reason,
                 "transitions": m.transitions,
+                "last_takeover": self.last_takeover,
             },
             "vrrp": vrrp,
             "sync": self.replica.status() if self.replica is not None else None,

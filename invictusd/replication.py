@@ -1,14 +1,21 @@
-"""Conntrack replication wired to the daemon: kernel events -> session -> UDP, and back.
+"""Conntrack replication: the engine between our kernel, the peer and the daemon.
 
-The sans-IO ``SyncSession`` does all protocol work; this adapter feeds it the kernel's
-marked conntrack events (raw ctnetlink, ``invictusd.io.conntrack``), the peer's datagrams
-and the time, sends what it asks to send, and commits the peer's table into the kernel when
-the VRRP machine becomes master (``commit``, awaited by the daemon *before* it adds the
-virtual addresses).
+The sans-IO ``SyncSession`` does the protocol; this adapter feeds it and carries out what
+it decides, on the daemon's event loop, every step bounded so VRRP never waits:
 
-While the peer's bulk table is not complete (our start, the peer's restart) or the sync
-link is down, VRRP preemption is held (pfsync's demotion): a node never takes mastership
-back with an incomplete table. Taking over from a *dead* master is never held.
+* **The kernel is each node's table.** Nothing is kept per entry here. The master's marked
+  conntrack events (filtered in the kernel by a BPF program: unmarked entries, replicas and
+  our own injections never wake us) are transcoded straight into wire records. The backup
+  injects the master's records into its own kernel as *replica* entries (``Applier``), so a
+  takeover commits nothing: the addresses move the moment VRRP decides.
+* **Ownership follows the VRRP state.** Only the master sends its table. A node that
+  becomes master hands the inherited replica entries over in the background (its own mark,
+  the timeout the kernel would have given them) and then sends its whole table to the peer.
+* Bulks, resyncs, sweeps, digests and ``tables`` read the kernel by dumps filtered by mark
+  in the kernel, a few chunks per wake-up (``invictusd.io.scan``).
+
+The daemon uses the engine through ``set_role``, ``link_changed``, ``status`` and ``tables``;
+the engine reaches the daemon only through the ``ReplicaEnv`` it is given.
 """
 
 from __future__ import annotations
@@ -18,66 +25,82 @@ import contextlib
 import ipaddress
 import os
 import select
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from invictusd import log
-from invictusd.config import Config
-from invictusd.flows import Flow, FlowEvent
-from invictusd.io.conntrack import (
-    EventSocket,
-    Injector,
-    Overrun,
-    dump,
-    set_conntrack_events,
-)
+from invictusd.applier import Applier
+from invictusd.config import Config, LinkInfo
+from invictusd.io.conntrack import EventSocket, Injector, set_conntrack_events
 from invictusd.io.ctnetlink import NetlinkError
 from invictusd.io.markrule import TABLE, MarkRuleError, install_mark_rule, remove_mark_rule
+from invictusd.io.scan import Scan
 from invictusd.io.sync_socket import SyncSocket
+from invictusd.io.transcode import Batch, EventTranscoder, build_entry, event_filter
+from invictusd.sync import wire
+from invictusd.sync.policy import (
+    OTHER_TIMEOUT_SYSCTLS,
+    TCP_TIMEOUT_SYSCTLS,
+    Backoff,
+    PreemptionHold,
+    ReplicaMarks,
+    handover_timeout,
+)
+from invictusd.sync.receiver import ReceiverConfig
+from invictusd.sync.sender import Phase as SenderPhase
+from invictusd.sync.sender import SenderConfig
 from invictusd.sync.session import SessionConfig, SessionEventKind, SyncSession
-
-if TYPE_CHECKING:
-    from invictusd.daemon import Daemon
+from invictusd.sync.wire import Entry, RequestReason
 
 RATE_WINDOW = 1.0
 MARK_TABLE = f"inet {TABLE}"
-# Datagrams read from the sync socket per wake-up (each costs a MAC check, ~5 us, plus its
-# records): a flood of forged datagrams never keeps the loop from its timers.
-SYNC_READ_BUDGET = 64
-# Events held while a dump is under way (applied after it); beyond this they are dropped and
-# a second dump follows, which reads what they said.
-HELD_MAX = 200_000
-DUMP_RETRY_MIN, DUMP_RETRY_MAX = 1.0, 30.0
-HOLD_LOG_EVERY = 10.0  # seconds between "preemption held" warnings
-# Netlink datagrams read per wake-up (a multicast event is one datagram): about 3 ms of
-# work, so a storm of events never keeps the loop from sending adverts, while a burst still
-# fills whole sync datagrams; what is left is read on the next turn.
-READ_BUDGET = 256
-
-
-def node_ids(local: ipaddress.IPv4Address, peer: ipaddress.IPv4Address) -> tuple[int, int]:
-    """(ours, the peer's): 1 for the lower sync address, 2 for the higher. Both nodes derive
-    the same pair, and the ids cannot collide whatever the subnet (the low 16 bits of the
-    addresses did on subnets wider than /16)."""
-    return (1, 2) if int(local) < int(peer) else (2, 1)
-
-
+# Netlink datagrams read from the event socket per wake-up (one event each): a few ms of
+# work, so an event storm never keeps the loop from its timers; the rest waits its turn.
+EVENT_BUDGET = 256
+SYNC_BUDGET = 64  # sync datagrams per wake-up (each: a MAC check, then its records)
+TOUCHED_MAX = 1 << 20  # keys of entries changed by events during a bulk, at most
 CT_MAX_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_max"
-
-
-def peer_capacity() -> int:
-    """The most peer entries we hold: what our own kernel could hold (nf_conntrack_max)."""
-    try:
-        with open(CT_MAX_SYSCTL) as f:
-            return max(1, int(f.read()))
-    except (OSError, ValueError):
-        return 1 << 20
+SYSCTL_DIR = "/proc/sys/net/netfilter"
 
 
 class ReplicationError(RuntimeError):
     """Replication cannot start as configured (the daemon refuses to run half-configured)."""
+
+
+@dataclass(frozen=True)
+class ReplicaEnv:
+    """What the engine may use of the daemon: the only way back to it."""
+
+    links: Callable[[], Awaitable[tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]]]]
+    demote: Callable[[bool, str], None]
+    record_table: Callable[[str, bool], None]  # (table, installed) into the runtime record
+
+
+def node_ids(local: ipaddress.IPv4Address, peer: ipaddress.IPv4Address) -> tuple[int, int]:
+    """(ours, the peer's): 1 for the lower sync address, 2 for the higher. Both nodes derive
+    the same pair, and the ids cannot collide whatever the subnet."""
+    return (1, 2) if int(local) < int(peer) else (2, 1)
+
+
+def _read_int(path: str, default: int) -> int:
+    try:
+        return int(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def timeout_table() -> dict[str, int]:
+    """The namespace's conntrack timeouts (what the kernel gives an entry at a packet)."""
+    names = {*TCP_TIMEOUT_SYSCTLS.values(), *OTHER_TIMEOUT_SYSCTLS}
+    out = {}
+    for name in names:
+        v = _read_int(f"{SYSCTL_DIR}/{name}", -1)
+        if v >= 0:
+            out[name] = v
+    return out
 
 
 class Replication:
@@ -85,46 +108,54 @@ class Replication:
         self.cfg = cfg
         self.sync = cfg.sync
         self.log = log.get(node=cfg.node.name, component="sync")
-        self.daemon: Daemon | None = None
+        self.marks = ReplicaMarks(self.sync.mark_bit, self.sync.replica_bit, self.sync.generation_bit)
+        self.env: ReplicaEnv | None = None
         self.session: SyncSession | None = None
         self.sock: SyncSocket | None = None
         self.events: EventSocket | None = None
         self.injector: Injector | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
-        # Its own thread: a takeover never queues behind a long kernel dump.
-        self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.applier: Applier | None = None
+        self.master = False
+        self.mark_rule_installed = False
         self._timer: asyncio.TimerHandle | None = None
-        self._dumping = False
-        self._resync_wanted = False  # an overrun seen: dump once the event queue is drained
-        self._committing = False
-        self._held: list[FlowEvent] = []
-        self._held_dropped = False
-        self._dump_retry = DUMP_RETRY_MIN
-        self._dump_retry_at: float | None = None
-        self._fail_next_dump = False  # test hook (INVICTUSD_TEST_HOOKS)
-        self._hold_since: float | None = None
-        self._hold_logged = 0.0
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._link_up = True
         self._sync_ifindex: int | None = None
-        self._started = 0.0
-        self.mark_rule_installed = False
-        self.overruns = 0
-        self.dumps = 0
-        self.dump_failures = 0
-        self.last_commit: dict[str, Any] | None = None
+        self._epoch = int.from_bytes(os.urandom(8), "big") | 1
+        self._own = EventTranscoder(self.sync.mark_bit, self.marks.ours)  # our table
+        self._all = EventTranscoder(self.sync.mark_bit, 0)  # replicas too
+        self._subscribed = False
+        self._resync_when_drained = False
+        self._bulk: Scan | None = None
+        self._handover: Scan | None = None
+        self._digest: Scan | None = None
+        self._touched: set[bytes] | None = None  # during a bulk: keys of events since it began
+        self._dump_retry = Backoff()
+        self._dump_retry_at: float | None = None
+        self._handover_retry = False
+        self._bulk_t0 = 0.0
+        self._fail_next_dump = False  # test hook
+        self._hold = PreemptionHold(self.sync.preempt_hold_max)
+        self._events_seen = 0
+        self._overruns = 0
+        self._dump_failures = 0
+        self._handovers = 0
+        self._dumps = 0  # bulks and digests read from the kernel
+        self.last_handover: dict[str, Any] | None = None
+        self.last_bulk: dict[str, Any] | None = None
+        self._local_estimate = 0
         self._rates: dict[str, float] = {}
         self._rate_base: tuple[float, dict[str, int]] | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._epoch = int.from_bytes(os.urandom(8), "big") | 1
-        self._entry_size: tuple[float, int] | None = None
+        self._next_digest = 0.0
+        self._next_resync = 0.0
 
-    # ---- lifecycle ---------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    async def start(self, env: ReplicaEnv) -> None:
+        self.env = env
         loop = asyncio.get_running_loop()
         now = loop.time()
-        infos, ifindex, link_up = await daemon.links.snapshot()
+        infos, ifindex, link_up = await env.links()
         peer = self.sync.peer_address
         assert peer is not None
         local = next(a.ip for a in infos[self.sync.interface].addresses if peer in a.network)
@@ -132,49 +163,44 @@ class Replication:
         self._link_up = link_up.get(self.sync.interface, False)
 
         if self.sync.install_mark_rule:
-            daemon.installed.installing_table(MARK_TABLE)
+            env.record_table(MARK_TABLE, True)
             try:
-                await loop.run_in_executor(self._pool, install_mark_rule, self.sync.mark_bit)
+                await loop.run_in_executor(None, install_mark_rule, self.sync.mark_bit)
             except MarkRuleError as e:
                 # Running on with nothing marked would replicate nothing, silently.
                 raise ReplicationError(f"mark rule not installed: {e}") from None
             self.mark_rule_installed = True
-            self.log.info("mark rule installed", table="inet invictusd",
-                          mark=f"0x{1 << self.sync.mark_bit:08x}")
-        previous = await loop.run_in_executor(self._pool, set_conntrack_events, 1)
+            self.log.info("mark rule installed", table=MARK_TABLE, mark=f"0x{self.marks.marked:08x}")
+        previous = await loop.run_in_executor(None, set_conntrack_events, 1)
         if previous != 1:
             self.log.info("nf_conntrack_events set to 1", previous=previous)
 
         ours, theirs = node_ids(local, peer)
         self.session = SyncSession(
-            SessionConfig(
-                node_id=ours,
-                key=self.sync.key,
-                flush_delay=self.sync.flush_ms / 1000,
-                peer_node_id=theirs,
-                mark_mask=self.sync.mark_mask,
-                zones=self.sync.zones,
-                families=self.sync.families,
-                peer_capacity=await loop.run_in_executor(self._pool, peer_capacity),
-            ),
-            epoch=self._epoch,
-            now=now,
-        )
+            SessionConfig(node_id=ours, key=self.sync.key, peer_node_id=theirs,
+                          sender=SenderConfig(flush_delay=self.sync.flush_ms / 1000),
+                          receiver=ReceiverConfig()),
+            epoch=self._epoch, now=now)
         self.session.link_changed(self._link_up, now)
         self.sock = SyncSocket(self.sync.interface, local, peer, self.sync.port)
         loop.add_reader(self.sock.fileno(), self._on_datagrams)
+        self.injector = Injector(default_timeout=60)
         self.events = EventSocket(rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit)
-        loop.add_reader(self.events.fileno(), self._on_events)
-        self.injector = await loop.run_in_executor(
-            self._pool, lambda: Injector(default_timeout=self.sync.commit_timeout_min)
-        )
-        self._started = now
-        daemon.set_demoted(True, "waiting for the peer's connection table")
-        self._spawn(self._resync_from_kernel("start"))
+        self.events.subscribe(False)  # only the master reads its events
+        self.events.attach(event_filter(self.sync.mark_bit, self.marks.ours, self.injector.port_id))
+        capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
+        self.applier = Applier(self.session, self.injector, self.marks, self._all,
+                               replica_timeout=self.sync.replica_timeout, capacity=capacity,
+                               master=lambda: self.master, progress=self._pump, log=self.log)
+        self.applier.count()  # replicas a previous run left in the kernel
+        self._next_digest = now + self.sync.digest_interval if self.sync.digest_interval else 0.0
+        self._next_resync = now + self.sync.resync_interval if self.sync.resync_interval else 0.0
         self._spawn(self._periodic())
         self.log.info("replication started", interface=self.sync.interface, local=str(local),
                       peer=str(peer), port=self.sync.port, key=self.sync.key_source,
-                      mark_bit=self.sync.mark_bit)
+                      mark_bit=self.sync.mark_bit, replica_bit=self.sync.replica_bit,
+                      generation_bit=self.sync.generation_bit, max_replica_entries=capacity)
+        self._update_demotion(now)
         self._pump()
 
     async def stop(self) -> None:
@@ -183,8 +209,12 @@ class Replication:
             self._timer.cancel()
         for t in self._tasks:
             t.cancel()
+        for scan in (self._bulk, self._handover, self._digest):
+            if scan is not None:
+                scan.cancel()
+        if self.applier is not None:
+            self.applier.cancel()
         if self.session is not None and self.sock is not None:
-            # Flush what is queued so the peer holds our latest table.
             for d in self.session.datagrams_to_send(loop.time()):
                 self.sock.send(d)
         for s in (self.sock, self.events):
@@ -194,126 +224,124 @@ class Replication:
                 s.close()
         if self.injector is not None:
             self.injector.close()
-        if self.sync.install_mark_rule:
-            await loop.run_in_executor(self._pool, remove_mark_rule)
-            if self.daemon is not None:
-                self.daemon.installed.removed_table(MARK_TABLE)
-        self._pool.shutdown(wait=True)
-        self._commit_pool.shutdown(wait=True)
+        if self.sync.install_mark_rule and self.env is not None:
+            await loop.run_in_executor(None, remove_mark_rule)
+            self.env.record_table(MARK_TABLE, False)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ---- inputs ------------------------------------------------------------------------
+    # ---- role ----------------------------------------------------------------------------
+
+    def set_role(self, master: bool) -> None:
+        """The VRRP state changed: only the master sends its table and reads its events."""
+        if master == self.master or self.session is None or self.events is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self.master = master
+        self.session.set_role(master, now)
+        if master:
+            self._subscribe(True)
+            self._start_handover()
+        else:
+            self._subscribe(False)
+            for scan in (self._bulk, self._handover, self._digest):
+                if scan is not None:
+                    scan.cancel()
+            self._bulk = self._handover = self._digest = None
+            self._touched = None
+            # What we held as master is ours in our kernel: the new master's table makes it
+            # replicas again (a split brain resolved; a step-down).
+            self.session.divergence(RequestReason.BECAME_BACKUP, now)
+        self._update_demotion(now)
+        self._pump()
+
+    def _subscribe(self, on: bool) -> None:
+        assert self.events is not None
+        if on == self._subscribed:
+            return
+        loop = asyncio.get_running_loop()
+        self.events.subscribe(on)
+        self._subscribed = on
+        if on:
+            loop.add_reader(self.events.fileno(), self._on_events)
+        else:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.events.fileno())
+            self.events.skip(1 << 20)  # what was queued is no longer ours to send
+
+    # ---- our kernel's events (master) ------------------------------------------------------
 
     def _on_events(self) -> None:
         assert self.events is not None and self.session is not None
-        if self._committing:
-            self.events.skip()
-            return
-        try:
-            batch = self.events.read(max_datagrams=READ_BUDGET)
-        except Overrun as e:
-            self.overruns += 1
+        view, n, overrun = self.events.read_raw(EVENT_BUDGET)
+        if n:
+            try:
+                batch = self._own.transcode(view, n)
+            except ValueError as e:  # NetlinkError: a kernel message we do not understand
+                self.log.error("conntrack event not understood; resyncing", error=str(e))
+                self.session.sender.want_resync("unreadable event")
+            else:
+                self._events_seen += len(batch.records)
+                self._local_estimate += sum(1 for r in batch.records if r[0] >> 4 == 1) - batch.deleted
+                if self._touched is not None:
+                    self._note_touched(batch)
+                self.session.records(batch.records, batch.keys)
+        if overrun:
+            self._overruns += 1
             self.log.warning("conntrack event overrun: events were lost; resyncing by dump",
-                             overruns=self.overruns)
-            self._feed(e.events)
-            # After ENOBUFS the kernel drops every event, reporting nothing more, until our
-            # queue has been drained: a dump taken now misses what is lost after it (seen:
-            # 13k of a 20k burst never replicated). Dump once the queue is empty.
-            self._resync_wanted = True
-            # libuv has just stopped watching the socket (its poll saw the error): watch it
-            # again now, not at the next periodic re-arm, or the queue overflows again.
+                             overruns=self._overruns)
+            # libuv stops watching a socket whose poll reported an error: watch it again.
             asyncio.get_running_loop().call_soon(self._rearm_events)
-        else:
-            self._feed(batch)
-        self._resync_if_drained()
+            # After ENOBUFS the kernel drops every event until our queue is drained: a dump
+            # taken now would miss what is lost after it. Dump once the queue is empty.
+            self._resync_when_drained = True
+        if self._resync_when_drained and not overrun and not self._readable(self.events.fileno()):
+            self._resync_when_drained = False
+            self.session.sender.want_resync("netlink overrun")
+        self._pump()
 
-    def _resync_if_drained(self) -> None:
-        if not self._resync_wanted or self._dumping or self.events is None:
-            return
-        if select.select([self.events.fileno()], [], [], 0)[0]:
-            return  # more queued: the reader runs again
-        self._resync_wanted = False
-        self._spawn(self._resync_from_kernel("netlink overrun"))
+    @staticmethod
+    def _readable(fd: int) -> bool:
+        return bool(select.select([fd], [], [], 0)[0])
 
     def _rearm_events(self) -> None:
-        """uvloop (libuv) stops watching a socket that polls with an error, silently: an
-        ENOBUFS on the event socket did that, and no event was read again. Re-arm each tick."""
-        if self.events is None:
+        if self.events is None or not self._subscribed:
             return
         loop = asyncio.get_running_loop()
         fd = self.events.fileno()
         loop.remove_reader(fd)
         loop.add_reader(fd, self._on_events)
-        self._on_events()
 
-    def _feed(self, batch: list[FlowEvent]) -> None:
-        assert self.session is not None
-        if not batch:
-            return
-        if self._dumping:
-            # Newer than the dump under way: applied after it, or the dump would undo them.
-            if len(self._held) + len(batch) > HELD_MAX:
-                # Bounded: drop them and dump once more afterwards, which reads their effect.
-                self._held.clear()
-                self._held_dropped = True
-            else:
-                self._held.extend(batch)
-            return
-        self.session.local_events(batch, asyncio.get_running_loop().time())
-        self._pump()
+    def _note_touched(self, batch: Batch) -> None:
+        """Entries an event told about during a bulk: the dump's record of them may be older
+        than the event (its chunk was made before, read after) and must not follow it."""
+        touched = self._touched
+        assert touched is not None
+        touched.update(batch.keys)
+        if len(touched) > TOUCHED_MAX:
+            # Bounded: give up on this bulk; the next resync starts at once.
+            touched.clear()
+            assert self.session is not None
+            self.session.sender.want_resync("too many changes during a bulk")
 
-    async def _resync_from_kernel(self, why: str) -> None:
-        if self._dumping:
-            return
-        assert self.session is not None
-        loop = asyncio.get_running_loop()
-        self._dumping = True
-        self._dump_retry_at = None
-        t0 = time.perf_counter()
-        try:
-            if self._fail_next_dump:
-                self._fail_next_dump = False
-                raise NetlinkError("dump", 0, "failure injected by a test hook")
-            flows = await loop.run_in_executor(self._pool, dump, self.sync.mark_bit)
-        except Exception as e:  # any failure: OSError, NetlinkError, a kernel error reply ...
-            # End the dump state (events flow again), say so, and try again with back-off.
-            self.dump_failures += 1
-            held, self._held, self._dumping = self._held, [], False
-            if held:
-                self.session.local_events(held, loop.time())
-            self._dump_retry_at = loop.time() + self._dump_retry
-            self.log.error("conntrack dump failed; retrying", reason=why, error=repr(e),
-                           retry_in=self._dump_retry, failures=self.dump_failures)
-            self._dump_retry = min(self._dump_retry * 2, DUMP_RETRY_MAX)
-            self._pump()
-            return
-        self._dump_retry = DUMP_RETRY_MIN
-        self.dumps += 1
-        now = loop.time()
-        self.session.local_resync(flows, now)
-        held, self._held, self._dumping = self._held, [], False
-        if held:
-            self.session.local_events(held, now)
-        if self._held_dropped:
-            self._held_dropped = False
-            self._resync_wanted = True
-        self.log.info("local table read from the kernel", reason=why, entries=len(flows),
-                      seconds=round(time.perf_counter() - t0, 3))
-        self._pump()
-        self._resync_if_drained()  # an overrun (or dropped held events) during the dump
+    # ---- the peer's datagrams ----------------------------------------------------------------
 
     def _on_datagrams(self) -> None:
-        assert self.sock is not None and self.session is not None
-        batch = self.sock.recv(SYNC_READ_BUDGET)
+        assert self.sock is not None and self.session is not None and self.applier is not None
+        batch = self.sock.recv(SYNC_BUDGET)
         if not batch:
             return
         now = asyncio.get_running_loop().time()
+        epoch = self.session.peer_epoch
         for data in batch:
             self.session.datagram_received(data, now)
+        if self.session.peer_epoch != epoch:
+            self.applier.reset()
+        self.applier.feed(self.session.take_deliveries())
+        self.applier.run()
         self._pump()
 
     def link_changed(self, ifindex: int, up: bool) -> None:
@@ -321,26 +349,166 @@ class Replication:
             return
         self._link_up = up
         self.log.warning("sync link " + ("up" if up else "down"), interface=self.sync.interface)
-        self.session.link_changed(up, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        self.session.link_changed(up, now)
+        self._update_demotion(now)
         self._pump()
 
-    # ---- outputs -----------------------------------------------------------------------
+    # ---- kernel jobs of the master: hand-over, bulk, digest ---------------------------------
 
-    def _pump(self) -> None:
-        assert self.session is not None and self.sock is not None
+    def _start_handover(self) -> None:
+        """Inherited replica entries become ours: our mark, the timeout the kernel would have
+        given them at their last packet. In the background: the addresses do not wait."""
+        assert self.injector is not None
+        t0 = time.perf_counter()
+        table = timeout_table()
+        marks = self.marks
+        injector = self.injector
+        done = [0]
+
+        def on_batch(batch: Batch) -> None:
+            data = b"".join(batch.records)
+            entries = [r for r in wire.decode_records(data) if isinstance(r, Entry)]
+            base = injector.next_seqs(len(entries))
+            msgs = [build_entry(e, base + i, create=False, with_status=False, mark=marks.own_mark(e.mark),
+                                timeout=handover_timeout(e.proto, e.tcp_state, e.status, table))
+                    for i, e in enumerate(entries)]
+            failures = injector.run(msgs, base) if msgs else {}
+            done[0] += len(msgs) - len(failures)
+
+        def finished(scan: Scan) -> None:
+            self._handover = None
+            self._handovers += 1
+            self.last_handover = {"entries": done[0], "seconds": round(time.perf_counter() - t0, 3)}
+            if self.applier is not None:
+                self.applier.replica_entries = 0
+            self.log.info("inherited entries handed over", **self.last_handover)
+            self._pump()
+
+        self._handover = Scan("hand-over", *marks.filter_replica(), self._all, on_batch, finished,
+                              self._scan_failed)
+        self._handover.start()
+
+    def _maybe_start_bulk(self, now: float) -> None:
+        s = self.session
+        assert s is not None
+        if (not self.master or not s.sender.resync_wanted or self._bulk is not None
+                or self._handover is not None or not s.peer_epoch or not self._link_up):
+            return
+        if self._dump_retry_at is not None and now < self._dump_retry_at:
+            return
+        reason = s.sender.resync_wanted
+        gen = s.sender.begin_resync(now)
+        t0 = time.perf_counter()
+        self._touched = set()
+        if self._fail_next_dump:
+            self._fail_next_dump = False
+            self._bulk = Scan("bulk", *self.marks.filter_marked(), self._all, self._bulk_batch,
+                              self._bulk_done, self._scan_failed, lambda: s.sender.bulk_room)
+            self._scan_failed(self._bulk, NetlinkError("dump", 0, "failure injected by a test hook"))
+            return
+        self._bulk = Scan("bulk", *self.marks.filter_marked(), self._all, self._bulk_batch,
+                          self._bulk_done, self._scan_failed, lambda: s.sender.bulk_room)
+        self.log.info("sending our table", reason=reason, gen=gen)
+        self._bulk_t0 = t0
+        self._bulk.start()
+
+    def _bulk_batch(self, batch: Batch) -> None:
+        assert self.session is not None
+        touched = self._touched
+        recs = batch.records
+        if touched:
+            recs = [r for r, k in zip(batch.records, batch.keys, strict=True) if k not in touched]
+        # Replica bits never travel: records of inherited entries carry our mark.
+        ours = self.marks.ours
+        recs = [_strip(r, ours) for r in recs]
+        self.session.sender.bulk(recs)
+        self._pump(resume_bulk=False)
+
+    def _bulk_done(self, scan: Scan) -> None:
+        assert self.session is not None
+        now = asyncio.get_running_loop().time()
+        self.session.sender.end_resync(now)
+        self._bulk = None
+        self._touched = None
+        self._dumps += 1
+        self._dump_retry.succeeded()
+        self._dump_retry_at = None
+        self._local_estimate = self.session.sender.resync_entries
+        self.last_bulk = {"entries": self.session.sender.resync_entries,
+                          "seconds": round(time.perf_counter() - self._bulk_t0, 3)}
+        self.log.info("our table sent", **self.last_bulk)
+        self._pump()
+
+    def _scan_failed(self, scan: Scan, e: BaseException) -> None:
+        """Any failure of a kernel read ends it, is logged and counted, and is retried."""
+        self._dump_failures += 1
+        now = asyncio.get_running_loop().time()
+        self._dump_retry_at = self._dump_retry.failed(now)
+        self.log.error("conntrack dump failed; retrying", job=scan.name, error=repr(e),
+                       retry_in=round(self._dump_retry_at - now, 1), failures=self._dump_failures)
+        assert self.session is not None
+        if scan is self._bulk:
+            self._bulk = None
+            self._touched = None
+            self.session.sender.abort_resync()
+        elif scan is self._handover:
+            self._handover = None
+            self._handover_retry = True
+        elif scan is self._digest:
+            self._digest = None
+
+    def _start_digest(self, now: float) -> None:
+        """Count and XOR of key hashes of our table, sent only if nothing changed while the
+        dump ran (the receiver compares at the same point of the stream)."""
+        s = self.session
+        assert s is not None
+        if not self.master or self._digest or self._bulk or self._handover or not s.sender.idle:
+            return
+        seen = self._events_seen
+        acc = [0, 0]
+
+        def on_batch(batch: Batch) -> None:
+            for e in wire.decode_records(b"".join(batch.records)):
+                if isinstance(e, Entry):
+                    acc[0] += 1
+                    acc[1] ^= wire.key_hash(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+
+        def finished(scan: Scan) -> None:
+            self._digest = None
+            self._dumps += 1
+            self._local_estimate = acc[0]
+            if self._events_seen == seen and self.master:
+                s.digest(acc[0], acc[1], asyncio.get_running_loop().time())
+                self._pump()
+
+        self._digest = Scan("digest", *self.marks.filter_marked(), self._all, on_batch, finished,
+                            self._scan_failed)
+        self._digest.start()
+
+    # ---- the session's clock -----------------------------------------------------------------
+
+    def _pump(self, resume_bulk: bool = True) -> None:
+        s = self.session
+        if s is None or self.sock is None:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for d in self.session.datagrams_to_send(now):
+        if self._bulk is not None and s.sender.phase is not SenderPhase.RESYNCING:
+            # The sender gave this resync up (its backlog overflowed): start over.
+            self._bulk.cancel()
+            self._bulk = None
+            self._touched = None
+        self._maybe_start_bulk(now)
+        for d in s.datagrams_to_send(now):
             self.sock.send(d)
-        for ev in self.session.pop_events():
+        for ev in s.pop_events():
             self._on_session_event(ev.kind, ev.detail)
-        self._update_demotion(now)
+        if resume_bulk and self._bulk is not None and self._bulk.paused:
+            self._bulk.resume()
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        deadline = self.session.next_deadline()
-        if deadline is not None:
-            self._timer = loop.call_at(max(deadline, now), self._on_timer)
+        self._timer = loop.call_at(max(s.next_deadline(), now), self._on_timer)
 
     def _on_timer(self) -> None:
         assert self.session is not None
@@ -349,208 +517,167 @@ class Replication:
         self._pump()
 
     def _on_session_event(self, kind: SessionEventKind, detail: str) -> None:
-        quiet = {SessionEventKind.RESYNC_SENT, SessionEventKind.PEER_RESYNC_STARTED}
-        bad = {SessionEventKind.DIVERGENCE, SessionEventKind.OVERFLOW, SessionEventKind.PEER_DEAD}
-        fn = self.log.debug if kind in quiet else self.log.warning if kind in bad else self.log.info
-        fn("sync " + kind.value.replace("_", " "), detail=detail or None,
-           peer_entries=self.session.peer_count if self.session else None)
+        bad = {SessionEventKind.PEER_DEAD}
+        fn = self.log.warning if kind in bad else self.log.info
+        fn("sync " + kind.value.replace("_", " "), detail=detail or None)
+        if kind in (SessionEventKind.PEER_LEARNED, SessionEventKind.PEER_RESTARTED) and self.applier:
+            self.applier.reset()
 
     def _update_demotion(self, now: float) -> None:
-        """pfsync's lesson: never take mastership back without the peer's table. Preemption
-        is held while the sync link is down and until the peer's bulk table is complete
-        (however long that takes: a wrong key, a slow link, a huge table), unless
-        ``preempt_hold_max`` bounds it. Taking over from a dead master is never held."""
-        assert self.session is not None and self.daemon is not None
-        if not self._link_up:
-            want, why = True, f"sync link {self.sync.interface} is down"
-        elif not self.session.synced:
-            want, why = True, "waiting for the peer's connection table"
-        else:
-            want, why = False, ""
-        if want:
-            if self._hold_since is None:
-                self._hold_since = now
-            limit = self.sync.preempt_hold_max
-            if limit and now - self._hold_since >= limit:
-                want, why = False, ""
-                if self._hold_logged != -1.0:
-                    self._hold_logged = -1.0
-                    self.log.error("preemption no longer held: preempt_hold_max reached without "
-                                   "the peer's table", seconds=limit)
-            elif now - self._hold_logged >= HOLD_LOG_EVERY:
-                self._hold_logged = now
-                self.log.warning("preemption held", reason=why,
-                                 seconds=round(now - self._hold_since, 1),
-                                 peer_entries=self.session.peer_count,
-                                 peer_alive=self.session.peer_alive)
-        else:
-            self._hold_since = None
-            self._hold_logged = 0.0
-        machine = self.daemon.machine
-        if machine is not None and (machine.demoted != want or machine.demoted_reason != why):
-            self.daemon.set_demoted(want, why)
+        assert self.session is not None and self.env is not None
+        d = self._hold.update(now, self._link_up, self.session.synced or self.master, self.sync.interface)
+        if d.warn:
+            self.log.warning("preemption held", reason=d.reason,
+                             seconds=round(self._hold.held_for(now) or 0, 1),
+                             peer_alive=self.session.peer_alive)
+        if d.expired:
+            self.log.error("preemption no longer held: preempt_hold_max reached without the "
+                           "peer's table", seconds=self.sync.preempt_hold_max)
+        self.env.demote(d.demoted, d.reason)
 
     async def _periodic(self) -> None:
-        """Rates for status, the bulk-hold timeout, and the optional periodic resync."""
-        assert self.session is not None
+        """Rates for status, demotion, retries of failed dumps, digests and resyncs."""
         loop = asyncio.get_running_loop()
-        next_resync = loop.time() + self.sync.resync_interval if self.sync.resync_interval else None
         while True:
             await asyncio.sleep(RATE_WINDOW)
-            self._rearm_events()
             now = loop.time()
-            counters = self.session.status().get("counters", {})
+            self._rearm_events()
+            counters = self._counters()
             if self._rate_base is not None:
                 t0, base = self._rate_base
                 dt = max(now - t0, 1e-6)
                 self._rates = {k: round((counters.get(k, 0) - base.get(k, 0)) / dt, 1)
-                               for k in ("events", "tx_bytes", "rx_bytes", "tx_datagrams")}
-            self._rate_base = (now, dict(counters))
-            self._update_demotion(now)
-            if self._dump_retry_at is not None and now >= self._dump_retry_at:
-                self._spawn(self._resync_from_kernel("retry after a failed dump"))
-            if next_resync is not None and now >= next_resync:
-                next_resync = now + self.sync.resync_interval
-                await self._resync_from_kernel("periodic")
+                               for k in ("events", "tx_bytes", "rx_bytes", "applied")}
+            self._rate_base = (now, counters)
+            if self.session is not None:
+                self._update_demotion(now)
+            if self._handover_retry and self.master and self._dump_retry_at is not None \
+                    and now >= self._dump_retry_at:
+                self._handover_retry = False
+                self._start_handover()
+            if self._next_digest and now >= self._next_digest:
+                self._next_digest = now + self.sync.digest_interval
+                self._start_digest(now)
+            if self._next_resync and now >= self._next_resync and self.session is not None:
+                self._next_resync = now + self.sync.resync_interval
+                self.session.sender.want_resync("periodic")
+            self._pump()
 
-    # ---- takeover ----------------------------------------------------------------------
+    # ---- status and tables -------------------------------------------------------------------
 
-    async def commit(self) -> dict[str, Any]:
-        """Put the peer's replicated table into our kernel; returns what happened."""
-        assert self.session is not None and self.injector is not None
-        floor = self.sync.commit_timeout_min
-        # The peer's timeouts are as of its last event; a live flow refreshes its timer on
-        # every packet without an event, so never commit less than the floor.
-        flows = [f if f.timeout >= floor else f._replace(timeout=floor)
-                 for f in self.session.iter_peer_flows()]
-        loop = asyncio.get_running_loop()
-        injector = self.injector
-        t0 = time.perf_counter()
-        # Our own inserts would raise one NEW event each, built by the kernel in the
-        # inserting thread and parsed by us for nothing: leave the event groups for the
-        # commit and read the resulting table with one dump afterwards, which also catches
-        # whatever real traffic changed meanwhile.
-        events = self.events
-        self._committing = True
-        if events is not None:
-            events.subscribe(False)
-        try:
-            result = await loop.run_in_executor(self._commit_pool, injector.commit, flows)
-        finally:
-            self._committing = False
-            if events is not None:
-                events.skip(1 << 20)
-                events.subscribe(True)
-        duration = (time.perf_counter() - t0) * 1000
-        self._spawn(self._resync_from_kernel("takeover"))
-        self.last_commit = {
-            "entries": len(flows), "duration_ms": round(duration, 2),
-            "created": result.created, "updated": result.updated, "failed": result.failed,
-            "errors": {str(k): v for k, v in result.errors.items()},
-        }
-        fn = self.log.warning if result.failed else self.log.info
-        fn("replica committed to the kernel", **self.last_commit)
-        return self.last_commit
-
-    def became_master(self) -> None:
-        """Nothing to do here: the commit is an action of its own, ordered before the VIPs."""
-
-    def became_backup(self) -> None:
-        """The kernel keeps its entries; they age out or come back with the next takeover."""
-
-    # ---- status ------------------------------------------------------------------------
-
-    def _bytes_per_entry(self) -> int | None:
-        """Memory one held peer entry costs: its flow and key tuples, addresses, table slot.
-
-        Sampled from one entry and cached for a while: status must never walk the table.
-        """
-        if self.session is None or not self.session.peer_count:
-            return None
-        now = time.monotonic()
-        if self._entry_size is not None and now - self._entry_size[0] < 30:
-            return self._entry_size[1]
-        flow = next(self.session.iter_peer_flows())
-        objs: list[Any] = [flow, flow.orig, flow.reply, flow.orig.src, flow.orig.dst]
-        objs += [v for v in (flow.orig.sport, flow.orig.dport, flow.ct_id, flow.timeout,
-                             flow.mark, flow.status) if not -5 <= v <= 256]
-        if flow.reply.src is not flow.orig.dst:
-            objs += [flow.reply.src, flow.reply.dst]
-        # Entries of two dicts (the table, and ct id -> key) with their index slots, amortised,
-        # and the boxed ct id.
-        slot = 2 * (3 * 8 + 8) + sys.getsizeof(flow.ct_id)
-        size = sum(sys.getsizeof(o) for o in objs) + slot
-        self._entry_size = (now, size)
-        return size
-
-    async def tables(self) -> dict[str, Any]:
-        """Both tables entry by entry (``invictusd tables``; tests compare them across nodes).
-
-        Only the dict copies run on the loop (C speed, ~2 ms per 100k); turning 100k flows
-        into JSON takes seconds and runs in a thread.
-        """
-        assert self.session is not None
-        local = list(self.session.local_flows().values())
-        peer = list(self.session.peer_flows().values())
-
-        def convert() -> dict[str, Any]:
-            return {"local": [flow_json(f) for f in local], "peer": [flow_json(f) for f in peer]}
-
-        return await asyncio.get_running_loop().run_in_executor(None, convert)
-
-    def test_hook(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Fault injection for tests (the daemon only calls it with INVICTUSD_TEST_HOOKS=1)."""
-        if request.get("what") == "dump":
-            self._fail_next_dump = True
-            self._spawn(self._resync_from_kernel("test hook"))
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown fault {request.get('what')!r}"}
+    def _counters(self) -> dict[str, int]:
+        s = self.session
+        c: dict[str, int] = {}
+        if s is not None:
+            c.update(s.status()["counters"])
+        a = self.applier
+        if a is not None:
+            ac = a.counters
+            c.update({"applied_created": ac.created, "applied_updated": ac.updated,
+                      "applied_deleted": ac.deleted, "delete_missing": ac.delete_missing,
+                      "apply_failures": sum(ac.failures.values()), "over_capacity": ac.over_capacity,
+                      "resyncs_applied": ac.resyncs_applied, "swept": ac.swept,
+                      "remarked": ac.remarked, "digests_matched": ac.digests_matched,
+                      "digests_mismatched": ac.digests_mismatched})
+            c["applied"] = ac.created + ac.updated + ac.deleted
+        c.update({"events": self._events_seen, "netlink_overruns": self._overruns,
+                  "kernel_dumps": self._dumps,
+                  "dump_failures": self._dump_failures, "handovers": self._handovers,
+                  "foreign_datagrams": self.sock.foreign if self.sock else 0,
+                  "send_errors": self.sock.send_errors if self.sock else 0,
+                  "events_overrun": self.events.overruns if self.events else 0})
+        return c
 
     def status(self) -> dict[str, Any]:
         s = self.session.status() if self.session is not None else {}
-        counters = dict(s.pop("counters", {}))
-        counters.update({
-            "netlink_overruns": self.overruns,
-            "kernel_dumps": self.dumps,
-            "dump_failures": self.dump_failures,
-            "foreign_datagrams": self.sock.foreign if self.sock else 0,
-            "send_errors": self.sock.send_errors if self.sock else 0,
-            "events_overrun": self.events.overruns if self.events else 0,
-        })
-        peer_entries = self.session.peer_count if self.session else 0
+        s.pop("counters", None)
+        a = self.applier
+        now = asyncio.get_running_loop().time()
         return {
             **s,
             "peer": str(self.sync.peer_address),
             "interface": self.sync.interface,
             "link_up": self._link_up,
-            "epoch": f"{self._epoch:016x}",
-            "peer_entries": peer_entries,
-            "local_entries": self.session.local_count if self.session else 0,
-            "synced": self.session.synced if self.session else False,
-            "last_commit": self.last_commit,
+            "role": "master" if self.master else "backup",
+            "peer_entries": a.replica_entries if a else 0,
+            "local_entries": self._local_estimate,
+            "kernel_marked_entries": self._local_estimate if self.master else (a.replica_entries if a else 0),
+            # Backup: we hold the master's whole table. Master: the peer holds ours.
+            "synced": (self.session.sender.in_sync if self.master else self.session.synced)
+            if self.session else False,
+            "applier": {"queued": a.queued if a else 0, "busy": a.busy if a else False,
+                        "failures": {str(k): v for k, v in a.counters.failures.items()} if a else {},
+                        "last_sweep_seconds": a.counters.last_sweep_seconds if a else None},
+            "last_handover": self.last_handover,
+            "last_bulk": self.last_bulk,
             "rates": self._rates,
-            "bytes_per_entry": self._bytes_per_entry(),
             "mark_rule": {"managed": self.sync.install_mark_rule,
                           "installed": self.mark_rule_installed, "table": MARK_TABLE},
-            # Our marked entries as the kernel reported them (events and dumps).
-            "kernel_marked_entries": self.session.local_count if self.session else 0,
-            "preemption_held_for": (None if self._hold_since is None
-                                    else round(asyncio.get_running_loop().time() - self._hold_since, 1)),
+            "marks": {"replicated": f"0x{self.marks.marked:08x}", "replica": f"0x{self.marks.replica:08x}",
+                      "generation": f"0x{self.marks.generation:08x}"},
+            "preemption_held_for": (None if self._hold.held_for(now) is None
+                                    else round(self._hold.held_for(now) or 0, 1)),
             "socket": self.sock.buffers._asdict() if self.sock else None,
             "netlink_rcvbuf": self.events.rcvbuf if self.events else None,
-            "counters": counters,
+            "counters": self._counters(),
         }
+
+    async def tables(self) -> dict[str, Any]:
+        """Our entries and the replica entries, read from the kernel (``invictusd tables``)."""
+        loop = asyncio.get_running_loop()
+        out: dict[str, list[dict[str, Any]]] = {"local": [], "peer": []}
+        for name, filt in (("local", self.marks.filter_own()), ("peer", self.marks.filter_replica())):
+            done: asyncio.Future[None] = loop.create_future()
+
+            def on_batch(batch: Batch, name: str = name) -> None:
+                for e in wire.decode_records(b"".join(batch.records)):
+                    if isinstance(e, Entry):
+                        out[name].append(entry_json(e, self.marks))
+
+            def finished(scan: Scan, done: asyncio.Future[None] = done) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            def failed(scan: Scan, e: BaseException, done: asyncio.Future[None] = done) -> None:
+                if not done.done():
+                    done.set_exception(e)
+
+            Scan(f"tables-{name}", *filt, self._all, on_batch, finished, failed).start()
+            await done
+        return out
+
+    def test_hook(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection for tests (the daemon only calls it with INVICTUSD_TEST_HOOKS=1)."""
+        if request.get("what") == "dump" and self.session is not None:
+            self._fail_next_dump = True
+            self.session.sender.want_resync("test hook")
+            self._pump()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown fault {request.get('what')!r}"}
+
+
+def _strip(record: bytes, ours: int) -> bytes:
+    """An entry record with our replica bits cleared from its mark (they never travel)."""
+    if record[0] >> 4 not in (wire.RecordType.UPSERT_NEW, wire.RecordType.UPSERT):
+        return record
+    tail = 10 + (1 if record[0] & wire.RF_PROTOINFO else 0)  # status, timeout, mark [, tcp]
+    at = len(record) - tail + 6
+    mark = int.from_bytes(record[at : at + 4], "big")
+    if not mark & ours:
+        return record
+    return record[:at] + (mark & ~ours).to_bytes(4, "big") + record[at + 4 :]
 
 
 def _addr(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
-def flow_json(f: Flow) -> dict[str, Any]:
-    o, r = f.orig, f.reply
+def entry_json(e: Entry, marks: ReplicaMarks) -> dict[str, Any]:
     return {
-        "family": o.family, "proto": o.proto, "zone": o.zone,
-        "orig": [_addr(o.src), _addr(o.dst), o.sport, o.dport],
-        "reply": [_addr(r.src), _addr(r.dst), r.sport, r.dport],
-        "status": f.status, "timeout": f.timeout, "mark": f.mark, "tcp_state": f.tcp_state,
+        "family": e.family, "proto": e.proto, "zone": e.zone,
+        "orig": [_addr(e.src), _addr(e.dst), e.sport, e.dport],
+        "reply": [_addr(e.rsrc), _addr(e.rdst), e.rsport, e.rdport],
+        "status": e.status, "timeout": e.timeout, "mark": e.mark & ~marks.ours,
+        "tcp_state": e.tcp_state,
     }
+

@@ -20,9 +20,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from invictusd import cbpf
 from invictusd.flows import Flow, FlowEvent, FlowKey
 from invictusd.io import ctnetlink as ct
-from invictusd.io.sockopt import buffers, force_buffers
+from invictusd.io.sockopt import attach_filter, buffers, force_buffers
 
 __all__ = [
     "CommitResult",
@@ -117,6 +118,37 @@ class EventSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def attach(self, program: Sequence[cbpf.Insn]) -> None:
+        """A kernel-side filter (``invictusd.io.transcode.event_filter``): what it refuses
+        never wakes us and never takes room in the queue."""
+        attach_filter(self._sock, program)
+
+    def read_raw(self, max_datagrams: int) -> tuple[memoryview, int, bool]:
+        """Up to ``max_datagrams`` datagrams, unparsed, 4-aligned one after the other in an
+        internal buffer (valid until the next call): (buffer, bytes used, overrun). An
+        overrun (ENOBUFS) means events were lost: the caller must resync by a dump; what
+        was read before it is valid."""
+        recv_into = self._sock.recv_into
+        view = self._view
+        limit = len(self._buf) - _MAX_DATAGRAM
+        pos = 0
+        for _ in range(max_datagrams):
+            try:
+                n = recv_into(view[pos:], 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == E.ENOBUFS:
+                    self.overruns += 1
+                    return view, pos, True
+                raise
+            if n > len(self._buf) - pos:
+                raise ct.NetlinkError("datagram", pos, f"truncated: {n} bytes")
+            pos = (pos + n + 3) & ~3
+            if pos > limit:
+                break
+        return view, pos, False
 
     def read(self, max_datagrams: int | None = None) -> list[FlowEvent]:
         """Drain the socket without blocking; raises ``Overrun`` on ENOBUFS.
@@ -246,6 +278,38 @@ def dump(mark_bit: int | None = 30, *, family: int = ct.AF_UNSPEC, timeout_s: fl
         sock.close()
 
 
+class DumpReader:
+    """A kernel dump read piece by piece from the event loop (non-blocking).
+
+    ``start`` sends the request; whenever ``fileno()`` is readable, ``read()`` returns the
+    next chunk of messages (the caller parses them and stops at NLMSG_DONE). A dump that is
+    not read waits in the kernel: a slow consumer is flow control, not loss.
+    """
+
+    def __init__(self, rcvbuf: int = 4 << 20) -> None:
+        self._sock = _netlink_socket(rcvbuf, 1 << 16, nonblocking=True)
+        self._buf = bytearray(256 * 1024)
+        self._view = memoryview(self._buf)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def start(self, mark: int = 0, mask: int = 0, family: int = ct.AF_UNSPEC) -> None:
+        """Entries whose ``mark & mask == mark`` (all with mask 0), IPv4 and IPv6."""
+        self._sock.send(ct.build_dump_request(1, family, mark, mask))
+
+    def read(self) -> tuple[memoryview, int] | None:
+        """The next chunk (valid until the next call), or None if nothing is ready."""
+        try:
+            n = self._sock.recv_into(self._buf)
+        except BlockingIOError:
+            return None
+        return self._view, n
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 COMMIT_CHUNK = 8192
 
 
@@ -297,10 +361,24 @@ class Injector:
         self._lost_errno = E.ETIMEDOUT
         self.overruns = 0  # answers lost to a full receive buffer (outcome unknown)
 
-    def _next_seq(self, count: int) -> int:
+    @property
+    def port_id(self) -> int:
+        """Our netlink port id: the kernel names it as the cause of our own changes' events."""
+        pid: int = self._sock.getsockname()[0]
+        return pid
+
+    def next_seqs(self, count: int) -> int:
+        """Reserve ``count`` sequence numbers; the messages of a batch use base + index."""
         base = self._seq
         self._seq = (base + count) & 0xFFFFFFFF
         return base
+
+    _next_seq = next_seqs
+
+    def run(self, msgs: Sequence[bytes], base: int) -> dict[int, int]:
+        """Send prebuilt messages (seq = base + index, built without NLM_F_ACK) in batches;
+        index -> errno of every one that failed (or whose outcome is unknown)."""
+        return self._run(msgs, base)
 
     def _run(self, msgs: Sequence[bytes], base: int) -> dict[int, int]:
         """Send ``msgs`` (built without NLM_F_ACK, seq = base + index) in batches.

@@ -210,6 +210,7 @@ class RequestReason(enum.IntEnum):
     DIGEST_MISMATCH = 1
     STALLED = 2
     APPLY_FAILED = 3  # the receiver's kernel refused entries
+    BECAME_BACKUP = 4  # the receiver was master: what it took over must become replicas again
 
 
 Record = Entry | Delete | ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest
@@ -518,6 +519,11 @@ def decode_datagram(data: bytes, key: bytes) -> Datagram:
     header = decode_header(data)
     records = _decode_records(bytes(data), HEADER_LEN, end, ALLOWED_RECORDS[header.type])
     return Datagram(header, tuple(records))
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """The records of a DATA payload (no header, no MAC), e.g. what a transcoder produced."""
+    return _decode_records(data, 0, len(data), _DATA_RECORDS)
 
 
 def _truncated(name: str, off: int) -> WireError:

@@ -151,11 +151,6 @@ class SendGarp:
 
 
 @dataclass(frozen=True, slots=True)
-class CommitReplica:
-    """Put the replicated connection state into the kernel (before the addresses move)."""
-
-
-@dataclass(frozen=True, slots=True)
 class AddAddresses:
     pass
 
@@ -172,7 +167,7 @@ class Transition:
     reason: str
 
 
-Action = SendAdvert | SendGarp | CommitReplica | AddAddresses | RemoveAddresses | Transition
+Action = SendAdvert | SendGarp | AddAddresses | RemoveAddresses | Transition
 
 
 class UnexpectedInput(RuntimeError):
@@ -265,9 +260,8 @@ class GroupMachine:
             out.append(SendAdvert(i, p.priority))
             v.adverts_sent += 1
             v.advert_at = now + p.advert_interval
-        # State first, then addresses: established connections must find their conntrack
-        # entries the moment traffic arrives at the new master.
-        out.append(CommitReplica())
+        # The replica is already in the kernel (replication injects it as it arrives): the
+        # addresses move at once.
         out.append(AddAddresses())
         self._garp_burst(now, out)
 

@@ -31,7 +31,14 @@ from invictusd.lab.topology import Lab
 from invictusd.sync import wire
 from invictusd.vrrp import packet
 from tests.netns.daemons import Pair, lab_pair, pcap_frames, udp_datagrams, wait_for
-from tests.netns.test_replication import _assert_converged, _churn, _start_synced, kernel_marked, tables
+from tests.netns.test_replication import (
+    _assert_converged,
+    _churn,
+    _start_synced,
+    kernel_marked,
+    kernel_owned,
+    kernel_replica,
+)
 
 FLOOD_SECONDS = float(os.environ.get("INVICTUSD_FLOOD_SECONDS", "10"))
 VRRP_PPS = int(os.environ.get("INVICTUSD_FLOOD_VRRP_PPS", "6000"))
@@ -224,7 +231,7 @@ def test_floods_are_dropped_by_reason_without_failover_lag_or_forged_state(measu
                     for d in to_fw2]
 
         before = {
-            "tables": {node: tables(pair, node) for node in ("fw1", "fw2")},
+            "tables": {node: (kernel_owned(lab, node), kernel_replica(lab, node)) for node in ("fw1", "fw2")},
             "status": {node: pair.status(node) for node in ("fw1", "fw2")},
             "drops": {node: _drops(pair, node) for node in ("fw1", "fw2")},
             "sync": {node: _sync_counters(pair, node) for node in ("fw1", "fw2")},
@@ -312,8 +319,8 @@ def test_floods_are_dropped_by_reason_without_failover_lag_or_forged_state(measu
 
         # ---- the replicas are exactly what they were: nothing forged got in ----
         for node in ("fw1", "fw2"):
-            assert tables(pair, node) == before["tables"][node], node
-        assert tables(pair, "fw2")["peer"] == kernel_marked(lab, "fw1")
+            assert (kernel_owned(lab, node), kernel_replica(lab, node)) == before["tables"][node], node
+        assert kernel_replica(lab, "fw2") == kernel_owned(lab, "fw1")
         assert len(kernel_marked(lab, "fw1")) == n
         # And replication still works after the flood.
         _churn(pair, "fw1", "--create", "50", "--seed", "9")

@@ -20,6 +20,7 @@ from invictusd.lab.topology import Lab, LabConfig, firewall_ruleset
 from tests.netns.daemons import Pair, lab_pair, wait_for
 
 MARK = 1 << 30
+REPLICA = 1 << 29  # [sync] replica_bit: entries a backup holds for its peer
 MD_100 = 3 + (256 - 100) / 256
 PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132}
 
@@ -37,13 +38,29 @@ def _start_synced(pair: Pair, sync: bool = True, **kw: Any) -> None:
         wait_for(lambda: pair.status("fw1")["sync"]["synced"], 10, what="fw1 synced")
 
 
+def _keys(lab: Lab, node: str, want_replica: bool | None) -> set[Key]:
+    return {(e.family, PROTO.get(e.proto, -1), e.orig, e.reply) for e in lab.ct_list(node)
+            if e.mark & MARK and (want_replica is None or bool(e.mark & REPLICA) == want_replica)}
+
+
 def kernel_marked(lab: Lab, node: str) -> set[Key]:
-    return {(e.family, PROTO.get(e.proto, -1), e.orig, e.reply)
-            for e in lab.ct_list(node) if e.mark & MARK}
+    """Every marked entry of ``node``'s kernel: its own and those it holds for the peer."""
+    return _keys(lab, node, None)
+
+
+def kernel_owned(lab: Lab, node: str) -> set[Key]:
+    """The marked entries ``node`` owns (what it replicates while master)."""
+    return _keys(lab, node, False)
+
+
+def kernel_replica(lab: Lab, node: str) -> set[Key]:
+    """The replica entries ``node``'s kernel holds for its peer."""
+    return _keys(lab, node, True)
 
 
 def tables(pair: Pair, node: str) -> dict[str, set[Key]]:
-    reply = control.request(control_socket(pair.lab, node), "tables", timeout=10)
+    """``invictusd tables``: the daemon's view of both, read from its kernel."""
+    reply = control.request(control_socket(pair.lab, node), "tables", timeout=30)
     assert reply["ok"], reply
 
     def keys(entries: list[dict[str, Any]]) -> set[Key]:
@@ -54,22 +71,23 @@ def tables(pair: Pair, node: str) -> dict[str, set[Key]]:
 
 
 def _converged(pair: Pair, src: str, dst: str) -> bool:
-    want = kernel_marked(pair.lab, src)
-    return bool(want) and tables(pair, dst)["peer"] == want
+    want = kernel_owned(pair.lab, src)
+    return bool(want) and kernel_replica(pair.lab, dst) == want
 
 
 def _assert_converged(pair: Pair, src: str, dst: str, timeout: float) -> int:
+    """``dst``'s kernel holds exactly ``src``'s entries as replicas, entry by entry."""
     try:
         wait_for(lambda: _converged(pair, src, dst), timeout, step=0.5,
-                 what=f"{dst}'s replica to equal {src}'s marked kernel table")
+                 what=f"{dst}'s kernel replica to equal {src}'s marked kernel table")
     except AssertionError:
-        want = kernel_marked(pair.lab, src)
-        have = tables(pair, dst)["peer"]
+        want = kernel_owned(pair.lab, src)
+        have = kernel_replica(pair.lab, dst)
         raise AssertionError(f"{len(want)} on {src}, {len(have)} held by {dst}: "
                              f"{len(want - have)} missing, {len(have - want)} stale; "
                              f"missing e.g. {sorted(want - have)[:3]}, stale e.g. "
                              f"{sorted(have - want)[:3]}") from None
-    return len(kernel_marked(pair.lab, src))
+    return len(kernel_owned(pair.lab, src))
 
 
 def _churn(pair: Pair, node: str, *args: str) -> dict[str, Any]:
@@ -95,25 +113,29 @@ def test_tcp_udp_plain_and_snat_survive_failover(how: str, measure: Any) -> None
         streams = lab.start_streams("tcp", dead_after=8)
         streams["udp"] = lab.start_stream("udp", c.plain_port, label="udp", dead_after=8)
         streams["udp-snat"] = lab.start_stream("udp", c.snat_port, label="udp-snat", dead_after=8)
-        # Each flow is held by fw2 before the crash, the SNATed ones with their NAT reply tuple.
-        wait_for(lambda: len(tables(pair, "fw2")["peer"]) >= 4, 5, what="4 flows replicated")
-        peer = tables(pair, "fw2")["peer"]
+        # Each flow is held in fw2's kernel before the crash, the SNATed ones with their NAT
+        # reply tuple.
+        wait_for(lambda: len(kernel_replica(lab, "fw2")) >= 4, 5, what="4 flows replicated")
+        peer = kernel_replica(lab, "fw2")
+        assert tables(pair, "fw2")["peer"] == peer  # the daemon's view is its kernel
         snat = [k for k in peer if k[2][3] == c.snat_port]
         assert snat and all(k[3][1] == c.wan_vip for k in snat), snat
         t0 = time.monotonic()
         _crash(pair, how)
         wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")
         took = time.monotonic() - t0
-        commit = wait_for(lambda: pair.status("fw2")["sync"]["last_commit"], 2, what="commit")
-        assert commit["failed"] == 0 and commit["entries"] >= 4, commit
+        handover = wait_for(lambda: pair.status("fw2")["sync"]["last_handover"], 3, what="hand-over")
+        assert handover["entries"] >= 4, handover
+        addresses_ms = wait_for(lambda: pair.status("fw2")["group"]["last_takeover"], 3,
+                                what="fw2's addresses in place")["addresses_ms"]
         time.sleep(4)
-        # Traffic really goes through fw2 now, on the committed entries.
+        # Traffic really goes through fw2 now, on the entries its kernel held already.
         assert lab.arp_entry("client", c.lan_vip) == lab.mac("fw2", c.lan_if)
         results = {name: s.stop() for name, s in streams.items()}
         gaps = {name: round(r.worst_gap, 2) for name, r in results.items()}
         measure(f"failover {how}: takeover / worst stream gap",  # type: ignore[operator]
-                f"{took:.2f}s / {max(gaps.values()):.2f}s {gaps}; commit {commit['entries']} "
-                f"entries in {commit['duration_ms']} ms")
+                f"{took:.2f}s / {max(gaps.values()):.2f}s {gaps}; addresses {addresses_ms} ms after "
+                f"the decision; {handover['entries']} entries handed over in {handover['seconds']} s")
         for name, r in results.items():
             assert r.error is None, f"{name} broke: {r.error} {r.error_detail}"
             assert r.seq_ok, name
@@ -159,18 +181,18 @@ def test_closed_connection_is_gone_and_unmarked_is_never_replicated() -> None:
         _start_synced(pair, sync_extra={"install_mark_rule": False})
         assert "invictusd" not in lab.exec("fw1", "nft", "list", "tables")
         streams = lab.start_streams("tcp", dead_after=6)
-        wait_for(lambda: len(tables(pair, "fw2")["peer"]) == 1, 5, what="the marked flow replicated")
-        (held,) = tables(pair, "fw2")["peer"]
+        wait_for(lambda: len(kernel_replica(lab, "fw2")) == 1, 5, what="the marked flow replicated")
+        (held,) = kernel_replica(lab, "fw2")
         assert held[2][3] == c.plain_port
         time.sleep(1)
-        ports = {k[2][3] for k in tables(pair, "fw2")["peer"]}
+        ports = {k[2][3] for k in kernel_replica(lab, "fw2")}
         assert ports == {c.plain_port}, "the unmarked SNAT flow reached the replica"
         assert any(e.orig[3] == c.snat_port for e in lab.ct_list("fw1")), "SNAT flow not tracked?"
         # Close the marked connection: once the kernel destroys the entry, the replica drops it.
         r = streams["plain"].stop()
         assert r.error is None
         wait_for(lambda: not kernel_marked(lab, "fw1"), 20, step=0.5, what="fw1 to destroy it")
-        wait_for(lambda: not tables(pair, "fw2")["peer"], 3, what="the replica to drop it")
+        wait_for(lambda: not kernel_replica(lab, "fw2"), 3, what="the replica to drop it")
         streams["snat"].stop()
 
 
@@ -202,16 +224,19 @@ def test_peer_restart_gets_the_bulk_table_and_converges() -> None:
         _churn(pair, "fw1", "--create", "1000", "--delete", "700", "--seed", "11")
         pair.start("fw2")
         n = _assert_converged(pair, "fw1", "fw2", 20)
-        # And the master restarting: the backup takes over, commits, the master comes back,
-        # receives the bulk from fw2 and preempts only once it holds the table.
+        # And the master restarting: the backup takes over (its kernel holds everything
+        # already), the master comes back, receives the bulk from fw2 and preempts only once
+        # it holds the table.
+        live = kernel_owned(pair.lab, "fw1")
         pair.kill("fw1")
-        commit = wait_for(lambda: pair.status("fw2")["sync"]["last_commit"], MD_100 + 2,
-                          what="fw2 to commit after taking over")
-        assert commit["entries"] == n and commit["failed"] == 0, commit
+        handover = wait_for(lambda: pair.status("fw2")["sync"]["last_handover"], MD_100 + 3,
+                            what="fw2 to take the entries over")
+        assert handover["entries"] == n, handover
+        assert kernel_owned(pair.lab, "fw2") == live
         pair.start("fw1")
         wait_for(lambda: pair.state("fw1") == "master", 15, what="fw1 preempting back")
-        commit = wait_for(lambda: pair.status("fw1")["sync"]["last_commit"], 3, what="commit")
-        assert commit["entries"] == n and commit["failed"] == 0, commit
+        handover = wait_for(lambda: pair.status("fw1")["sync"]["last_handover"], 3, what="hand-over")
+        assert handover["entries"] == n, handover
         # It waited for fw2's bulk table before preempting: the log says so, in that order.
         log = pair.log_events("fw1")
         last_start = max(i for i, e in enumerate(log) if e.get("event") == "started")
@@ -251,7 +276,7 @@ def test_forged_replayed_and_foreign_datagrams_are_rejected_and_counted() -> Non
         pcap = cap.stop()
         datagrams = _udp_payloads(pcap)
         assert len(datagrams) >= 2
-        before = tables(pair, "fw2")["peer"]
+        before = kernel_replica(lab, "fw2")
         c0 = pair.status("fw2")["sync"]["counters"]
         port = 3781
         # Replayed byte for byte, from the peer's own address and port.
@@ -275,7 +300,7 @@ def test_forged_replayed_and_foreign_datagrams_are_rejected_and_counted() -> Non
                     and d("foreign_datagrams") >= 3)
 
         wait_for(counted, 5, what="replays, forgeries and foreign datagrams counted")
-        assert tables(pair, "fw2")["peer"] == before == kernel_marked(lab, "fw1")
+        assert kernel_replica(lab, "fw2") == before == kernel_owned(lab, "fw1")
 
 
 def _udp_payloads(pcap: Any) -> list[bytes]:
@@ -308,7 +333,7 @@ def test_ipv6_tcp_stream_and_its_gateway_address_survive_a_node_crash() -> None:
         assert c.lan_vip6 in {a.split("/")[0] for a in lab.addresses("fw1", c.lan_if)}
         s6 = lab.start_stream("tcp", c.plain_port, dst=c.server_ip6, label="tcp6", dead_after=8)
         s4 = lab.start_stream("tcp", c.snat_port, label="tcp4-snat", dead_after=8)
-        wait_for(lambda: {k[0] for k in tables(pair, "fw2")["peer"]} == {4, 6}, 5,
+        wait_for(lambda: {k[0] for k in kernel_replica(lab, "fw2")} == {4, 6}, 5,
                  what="the IPv6 and the IPv4 flow replicated")
         _crash(pair, "node_crash")
         wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")

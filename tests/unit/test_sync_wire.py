@@ -1,4 +1,4 @@
-"""The replication datagram codec: golden vectors, round trips, hostile input, sizes."""
+"""The replication datagram codec (version 2): golden vectors, round trips, hostile input."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invictusd.flows import (
-    IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
-    IPPROTO_SCTP,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    IPS_ASSURED,
-    IPS_CONFIRMED,
-    IPS_SEEN_REPLY,
-    IPS_SRC_NAT,
-    TCP_ESTABLISHED,
-    Flow,
-    FlowKey,
-    inverse,
-)
+from invictusd.flows import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 from invictusd.sync import wire
 from invictusd.sync.wire import (
     FLAG_SYNC_POINT,
@@ -30,112 +16,84 @@ from invictusd.sync.wire import (
     DatagramBuilder,
     DatagramType,
     Delete,
-    DeleteKey,
     Digest,
-    FlowEncodeError,
+    EncodeError,
+    Entry,
     Header,
     NackRange,
     Record,
     ResyncBegin,
     ResyncEnd,
     ResyncRequest,
-    Update,
     WireError,
     decode_datagram,
     encode_datagram,
     encode_delete,
-    encode_delete_key,
-    encode_full,
-    encode_update,
+    encode_entry,
     key_hash,
+    reply_of,
     seal,
 )
 
 KEY = b"invictusd-test-key-0123456789abc"
-
-ORIG = FlowKey(4, IPPROTO_TCP, bytes([10, 0, 0, 1]), bytes([192, 0, 2, 80]), 40000, 443)
-FLOW = Flow(
-    ORIG, inverse(ORIG), 0x12345678, IPS_ASSURED | IPS_SEEN_REPLY | IPS_CONFIRMED, 432000,
-    0x40000000, TCP_ESTABLISHED,
-)  # fmt: skip
-NAT_FLOW = FLOW._replace(
-    reply=FlowKey(4, IPPROTO_TCP, bytes([192, 0, 2, 80]), bytes([203, 0, 113, 1]), 443, 61000),
-    status=FLOW.status | IPS_SRC_NAT,
-)
-ORIG6 = FlowKey(
-    6, IPPROTO_UDP, bytes.fromhex("20010db8000000000000000000000001"),
-    bytes.fromhex("20010db8000000000000000000000035"), 5353, 53, 7,
-)  # fmt: skip
-FLOW6 = Flow(ORIG6, inverse(ORIG6), 1, IPS_CONFIRMED, 30, 0x40000000, 0)
+SRC, DST = bytes([10, 0, 0, 1]), bytes([192, 0, 2, 80])
+ENTRY = Entry(True, 4, IPPROTO_TCP, SRC, DST, 40000, 443, 0, DST, SRC, 443, 40000, 0,
+              0xE, 432000, 0x40000000, 3)
+NAT = ENTRY._replace(new=False, rdst=bytes([203, 0, 113, 1]), rdport=61000, status=0x1E)
+S6 = bytes.fromhex("20010db8000000000000000000000001")
+D6 = bytes.fromhex("20010db8000000000000000000000035")
+ENTRY6 = Entry(True, 6, IPPROTO_UDP, S6, D6, 5353, 53, 7, D6, S6, 53, 5353, 7, 8, 30, 0x40000000, 0)
+DELETE = Delete(4, IPPROTO_TCP, SRC, DST, 40000, 443, 0)
 
 # ---- golden vectors (pinned: a change here is a wire-format change) ---------------------
 
 GOLDEN_RECORDS: list[tuple[str, Record, str]] = [
-    (
-        "FULL v4 TCP, no NAT (29 bytes)",
-        FLOW,
-        "18 06 0a000001 c0000250 9c40 01bb 12345678 000e 00069780 40000000 03",
-    ),
-    (
-        "FULL v4 TCP with SNAT (41 bytes)",
-        NAT_FLOW,
-        "1a 06 0a000001 c0000250 9c40 01bb c0000250 cb007101 01bb ee48"
-        " 12345678 001e 00069780 40000000 03",
-    ),
-    (
-        "FULL v6 UDP in zone 7 (54 bytes)",
-        FLOW6,
-        "15 11 20010db8000000000000000000000001 20010db8000000000000000000000035 14e9 0035"
-        " 0007 00000001 0008 0000001e 40000000",
-    ),
-    (
-        "UPDATE",
-        Update(0x12345678, 0xBEEF, 0xE, 431999, 0x40000000, 4),
-        "28 12345678 beef 000e 0006977f 40000000 04",
-    ),
-    ("UPDATE without tcp_state", Update(9, 1, 8, 30, 0, 0), "20 00000009 0001 0008 0000001e 00000000"),
-    ("DELETE (7 bytes)", Delete(0x12345678, 0xBEEF), "30 12345678 beef"),
-    ("DELETE_KEY v4", DeleteKey(ORIG), "40 06 0a000001 c0000250 9c40 01bb"),
-    ("RESYNC_BEGIN", ResyncBegin(1), "50 00000001"),
-    ("RESYNC_END", ResyncEnd(1, 1, 0x49576BA623023ACE), "60 00000001 00000001 49576ba623023ace"),
-    ("DIGEST", Digest(2, 3), "70 00000002 0000000000000003"),
-    ("NACK_RANGE", NackRange(5, 9), "80 00000005 00000009"),
-    ("RESYNC_REQUEST", ResyncRequest(3, 1), "90 00000003 01"),
+    ("UPSERT_NEW v4 TCP, no NAT (25 bytes)", ENTRY,
+     "18 06 0a000001 c0000250 9c40 01bb 000e 00069780 40000000 03"),
+    ("UPSERT v4 TCP with SNAT (37 bytes)", NAT,
+     "2a 06 0a000001 c0000250 9c40 01bb c0000250 cb007101 01bb ee48 001e 00069780 40000000 03"),
+    ("UPSERT_NEW v6 UDP in zone 7 (50 bytes)", ENTRY6,
+     "15 11 20010db8000000000000000000000001 20010db8000000000000000000000035 14e9 0035 0007"
+     " 0008 0000001e 40000000"),
+    ("DELETE v4 (14 bytes)", DELETE, "30 06 0a000001 c0000250 9c40 01bb"),
+    ("DELETE v4 in zone 9", DELETE._replace(zone=9), "34 06 0a000001 c0000250 9c40 01bb 0009"),
+    ("RESYNC_BEGIN", ResyncBegin(1), "40 00000001"),
+    ("RESYNC_END", ResyncEnd(1, 5), "50 00000001 00000005"),
+    ("DIGEST", Digest(2, 3), "60 00000002 0000000000000003"),
+    ("NACK_RANGE", NackRange(5, 9), "70 00000005 00000009"),
+    ("RESYNC_REQUEST", ResyncRequest(3, 1), "80 00000003 01"),
 ]  # fmt: skip
 
-GOLDEN_DATA_HEADER = Header(
-    DatagramType.DATA, 1, 0x1111111111111111, 0x2222222222222222, 7, 3, FLAG_SYNC_POINT
-)
-GOLDEN_DATA_RECORDS: list[Record] = [
-    ResyncBegin(1),
-    FLOW,
-    Delete(0x12345678, 0xBEEF),
-    ResyncEnd(1, 1, key_hash(ORIG)),
-]
+GOLDEN_DATA_HEADER = Header(DatagramType.DATA, 1, 0x1111111111111111, 0x2222222222222222, 7, 3,
+                            FLAG_SYNC_POINT)
+GOLDEN_DATA_RECORDS: list[Record] = [ResyncBegin(1), ENTRY, DELETE, ResyncEnd(1, 1)]
 GOLDEN_DATA = bytes.fromhex(
-    "4956 01 01 01 00 0001 1111111111111111 2222222222222222 00000007 00000003"
-    " 5000000001"
-    " 18060a000001c00002509c4001bb12345678000e000697804000000003"
-    " 3012345678beef"
-    " 60000000010000000149576ba623023ace"
-    " 06378c5243aa4313270b88aa315fc7be"
+    "4956 02 01 01 00 0001 1111111111111111 2222222222222222 00000007 00000003"
+    " 4000000001"
+    " 18060a000001c00002509c4001bb000e000697804000000003"
+    " 30060a000001c00002509c4001bb"
+    " 500000000100000001"
+    " 36cf14e3ae7c5308ee3c77498365b4c5"
 )
 GOLDEN_HELLO = bytes.fromhex(
-    "4956 01 04 00 00 0002 2222222222222222 0000000000000000 00000000 00000000"
-    " e2f5a827f4a335dfd68fdcc8170ccf82"
+    "4956 02 04 00 00 0002 2222222222222222 0000000000000000 00000000 00000000"
+    " fe391d2ee162d1b06eaff03e822df17f"
 )
+
+
+def _dtype(record: Record) -> DatagramType:
+    if isinstance(record, NackRange):
+        return DatagramType.NACK
+    if isinstance(record, ResyncRequest):
+        return DatagramType.RESYNC_REQUEST
+    return DatagramType.DATA
 
 
 @pytest.mark.parametrize(("name", "record", "hexstr"), GOLDEN_RECORDS, ids=[g[0] for g in GOLDEN_RECORDS])
 def test_golden_records(name: str, record: Record, hexstr: str) -> None:
     expected = bytes.fromhex(hexstr)
     assert wire.encode_record(record) == expected
-    dtype = DatagramType.DATA
-    if isinstance(record, NackRange):
-        dtype = DatagramType.NACK
-    elif isinstance(record, ResyncRequest):
-        dtype = DatagramType.RESYNC_REQUEST
-    dg = decode_datagram(encode_datagram(Header(dtype, 1, 5, 6), [record], KEY), KEY)
+    dg = decode_datagram(encode_datagram(Header(_dtype(record), 1, 5, 6), [record], KEY), KEY)
     assert dg.records == (record,)
     assert type(dg.records[0]) is type(record)
 
@@ -154,26 +112,30 @@ def test_golden_hello() -> None:
 
 
 def test_key_hash_is_pinned() -> None:
-    # the digest compares hashes computed on two machines: they must never depend on the run
-    assert key_hash(ORIG) == 0x49576BA623023ACE
-    assert key_hash(ORIG._replace(zone=1)) != key_hash(ORIG)
+    # digests compare hashes computed on two machines: they must never depend on the run
+    assert key_hash(4, IPPROTO_TCP, SRC, DST, 40000, 443, 0) == 0x49576BA623023ACE
+    assert key_hash(4, IPPROTO_TCP, SRC, DST, 40000, 443, 1) != 0x49576BA623023ACE
+    assert wire.entry_key(ENTRY) == wire.entry_key(DELETE)
+
+
+def test_the_reply_of_icmp_is_the_echo_reply() -> None:
+    assert reply_of(IPPROTO_ICMP, SRC, DST, 77, 8 << 8) == (DST, SRC, 77, 0)
+    assert reply_of(IPPROTO_ICMPV6, S6, D6, 77, 128 << 8 | 0) == (D6, S6, 77, 129 << 8)
 
 
 # ---- sizes ------------------------------------------------------------------------------
 
 
 def test_record_sizes() -> None:
-    assert len(encode_full(FLOW)) == 29  # conntrackd: about 68
-    assert len(encode_full(FLOW._replace(tcp_state=0, reply=inverse(ORIG)))) == 28
-    assert len(encode_full(NAT_FLOW)) == 41
-    assert len(encode_update(1, 2, 3, 4, 5, 6)) == 18
-    assert len(encode_delete(1, 2)) == 7  # conntrackd: the whole entry again
-    assert len(encode_delete_key(ORIG)) == 14
+    assert len(encode_entry(ENTRY)) == 25  # conntrackd: about 68
+    assert len(encode_entry(ENTRY._replace(tcp_state=0))) == 24
+    assert len(encode_entry(NAT)) == 37
+    assert len(encode_delete(DELETE)) == 14  # conntrackd: the whole entry again
     assert wire.HEADER_LEN + wire.MAC_LEN == 48
 
 
 def test_builder_fills_to_the_mtu() -> None:
-    rec = encode_full(FLOW)
+    rec = encode_entry(ENTRY)
     for mtu in (200, 576, 1400, 9000):
         b = DatagramBuilder(mtu)
         while b.add(rec):
@@ -184,9 +146,9 @@ def test_builder_fills_to_the_mtu() -> None:
         assert len(decode_datagram(data, KEY).records) == (mtu - 48) // len(rec)
         assert not b  # emptied by finish
     groups = wire.pack_records([rec] * 100, 1400)
-    assert [len(g) for g in groups] == [46, 46, 8]
-    with pytest.raises(FlowEncodeError) as e:
-        encode_datagram(Header(DatagramType.DATA, 1, 2, 3), [FLOW] * 100, KEY)
+    assert [len(g) for g in groups] == [54, 46]
+    with pytest.raises(EncodeError) as e:
+        encode_datagram(Header(DatagramType.DATA, 1, 2, 3), [ENTRY] * 100, KEY)
     assert e.value.field == "records"
 
 
@@ -199,100 +161,86 @@ def _addr(family: int) -> st.SearchStrategy[bytes]:
 
 
 @st.composite
-def flows(draw: st.DrawFn) -> Flow:
+def entries(draw: st.DrawFn) -> Entry:
     family = draw(st.sampled_from([4, 6]))
-    proto = draw(
-        st.sampled_from([IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP])
-        | st.integers(0, 255)
-    )
+    proto = draw(st.sampled_from([IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP])
+                 | st.integers(0, 255))
     port = st.integers(0, 0xFFFF)
     zone = draw(st.sampled_from([0, 0, 1, 0xFFFF]))
-    src, dst = draw(_addr(family)), draw(_addr(family))
-    orig = FlowKey(family, proto, src, dst, draw(port), draw(port), zone)
+    src, dst, sp, dp = draw(_addr(family)), draw(_addr(family)), draw(port), draw(port)
     if draw(st.booleans()):
-        reply = FlowKey(
-            family, proto, draw(_addr(family)), draw(_addr(family)), draw(port), draw(port),
-            draw(st.sampled_from([0, zone, 3])),
-        )  # fmt: skip
+        rs, rd, rsp, rdp = draw(_addr(family)), draw(_addr(family)), draw(port), draw(port)
+        rzone = draw(st.sampled_from([0, zone, 3]))
     else:
-        reply = inverse(orig)
-    return Flow(
-        orig,
-        reply,
-        draw(st.integers(0, 0xFFFFFFFF)),
-        draw(st.integers(0, 0xFFFF)),
-        draw(st.integers(0, 0xFFFFFFFF)),
-        draw(st.integers(0, 0xFFFFFFFF)),
-        draw(st.integers(0, 255)),
-    )
+        (rs, rd, rsp, rdp), rzone = reply_of(proto, src, dst, sp, dp), zone
+    return Entry(draw(st.booleans()), family, proto, src, dst, sp, dp, zone, rs, rd, rsp, rdp, rzone,
+                 draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFFFFFF)),
+                 draw(st.integers(0, 0xFFFFFFFF)), draw(st.integers(0, 255)))
 
 
 @st.composite
 def data_records(draw: st.DrawFn) -> Record:
     u32 = st.integers(0, 0xFFFFFFFF)
-    kind = draw(st.integers(0, 6))
+    kind = draw(st.integers(0, 5))
     if kind == 0:
-        return draw(flows())
+        return draw(entries())
     if kind == 1:
-        return Update(draw(u32), draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFF)),
-                      draw(u32), draw(u32), draw(st.integers(0, 255)))  # fmt: skip
+        e = draw(entries())
+        return Delete(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
     if kind == 2:
-        return Delete(draw(u32), draw(st.integers(0, 0xFFFF)))
-    if kind == 3:
-        return DeleteKey(draw(flows()).orig)
-    if kind == 4:
         return ResyncBegin(draw(u32))
-    if kind == 5:
-        return ResyncEnd(draw(u32), draw(u32), draw(st.integers(0, 2**64 - 1)))
+    if kind == 3:
+        return ResyncEnd(draw(u32), draw(u32))
     return Digest(draw(u32), draw(st.integers(0, 2**64 - 1)))
 
 
-@settings(max_examples=200)
-@given(flows())
-def test_any_flow_round_trips(flow: Flow) -> None:
-    data = encode_datagram(Header(DatagramType.DATA, 1, 2, 3), [flow], KEY)
+def _encodable(e: Entry) -> bool:
+    """A reply zone of its own is only expressible with the reply tuple (the NAT form)."""
+    return e.is_nat or e.rzone == e.zone
+
+
+@settings(max_examples=300)
+@given(entries())
+def test_any_entry_round_trips(e: Entry) -> None:
+    if not _encodable(e):
+        with pytest.raises(EncodeError):
+            encode_entry(e)
+        return
+    data = encode_datagram(Header(DatagramType.DATA, 1, 2, 3), [e], KEY)
     (back,) = decode_datagram(data, KEY).records
-    assert back == flow
-    assert back.is_nat == flow.is_nat
+    assert back == e
+    assert isinstance(back, Entry) and back.is_nat == e.is_nat
 
 
 @settings(max_examples=100)
-@given(
-    st.lists(data_records(), max_size=20),
-    st.integers(0, 0xFFFF),
-    st.integers(1, 2**64 - 1),
-    st.integers(0, 2**64 - 1),
-    st.integers(0, 0xFFFFFFFF),
-    st.integers(0, 0xFFFFFFFF),
-    st.sampled_from([0, FLAG_SYNC_POINT]),
-)
-def test_any_data_datagram_round_trips(
-    records: list[Record], node: int, se: int, re_: int, seq: int, ack: int, flags: int
-) -> None:
+@given(st.lists(data_records(), max_size=20), st.integers(0, 0xFFFF), st.integers(1, 2**64 - 1),
+       st.integers(0, 2**64 - 1), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.sampled_from([0, FLAG_SYNC_POINT]))
+def test_any_data_datagram_round_trips(records: list[Record], node: int, se: int, re_: int, seq: int,
+                                       ack: int, flags: int) -> None:
+    records = [r for r in records if not isinstance(r, Entry) or _encodable(r)]
     h = Header(DatagramType.DATA, node, se, re_, seq, ack, flags)
     data = encode_datagram(h, records, KEY, mtu=None)
     dg = decode_datagram(data, KEY)
     assert dg.header == h
     assert list(dg.records) == records
-    assert [type(r) for r in dg.records] == [type(r) for r in records]
 
 
 # ---- hostile input ----------------------------------------------------------------------
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_decode_cleanly(data: bytes) -> None:
     with contextlib.suppress(WireError):  # and nothing else
         decode_datagram(data, KEY)
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(st.binary(max_size=200), st.sampled_from(list(DatagramType)), st.integers(0, 255))
-def test_authentic_garbage_decodes_cleanly_and_canonically(
-    payload: bytes, dtype: DatagramType, flags: int
-) -> None:
-    """Past the MAC (a peer's bug, or a leaked key) the parser must still fail cleanly."""
+def test_authentic_garbage_decodes_cleanly_and_canonically(payload: bytes, dtype: DatagramType,
+                                                           flags: int) -> None:
+    """Past the MAC (a peer's bug, or a stolen key) the parser must still fail cleanly."""
     header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, dtype, flags, 0, 1, 2, 3, 4, 5)
     data = seal(header + payload, KEY)
     try:
@@ -320,6 +268,13 @@ def test_every_truncation_is_rejected() -> None:
             decode_datagram(GOLDEN_DATA[:n], KEY)
 
 
+def test_a_version_1_datagram_is_refused_by_version() -> None:
+    old = GOLDEN_DATA[:2] + b"\x01" + GOLDEN_DATA[3:]
+    with pytest.raises(WireError) as e:
+        decode_datagram(old, KEY)
+    assert (e.value.field, e.value.offset) == ("version", 2)
+
+
 def test_errors_name_field_and_offset() -> None:
     def err(data: bytes, key: bytes = KEY) -> WireError:
         with pytest.raises(WireError) as e:
@@ -328,23 +283,21 @@ def test_errors_name_field_and_offset() -> None:
 
     e = err(b"XX" + GOLDEN_DATA[2:])
     assert (e.field, e.offset) == ("magic", 0)
-    e = err(GOLDEN_DATA[:2] + b"\x02" + GOLDEN_DATA[3:])
-    assert (e.field, e.offset) == ("version", 2)
     e = err(GOLDEN_DATA[:10])
     assert e.field == "length"
-    e = err(GOLDEN_DATA, b"another key")
+    e = err(GOLDEN_DATA, b"another key-----")
     assert isinstance(e, AuthError) and e.field == "mac" and e.offset == len(GOLDEN_DATA) - 16
 
     def sealed(dtype: int, flags: int, payload: bytes, se: int = 2) -> bytes:
-        return seal(wire.HEADER.pack(b"IV", 1, dtype, flags, 0, 1, se, 3, 4, 5) + payload, KEY)
+        return seal(wire.HEADER.pack(b"IV", 2, dtype, flags, 0, 1, se, 3, 4, 5) + payload, KEY)
 
     e = err(sealed(1, 0, bytes.fromhex("f0")))
     assert (e.field, e.offset) == ("record_type", 32)
-    e = err(sealed(1, 0, bytes.fromhex("3012345678")))
+    e = err(sealed(1, 0, bytes.fromhex("3006")))
     assert (e.field, e.offset) == ("record", 32)
-    e = err(sealed(1, 0, encode_delete(1, 2) + bytes.fromhex("31") + bytes(6)))
-    assert (e.field, e.offset) == ("record_flags", 39)
-    e = err(sealed(4, 0, encode_delete(1, 2)))
+    e = err(sealed(1, 0, encode_delete(DELETE) + bytes.fromhex("32") + bytes(13)))
+    assert (e.field, e.offset) == ("record_flags", 46)
+    e = err(sealed(4, 0, encode_delete(DELETE)))
     assert e.field == "record_type"  # HELLO carries no records
     e = err(sealed(9, 0, b""))
     assert (e.field, e.offset) == ("type", 3)
@@ -355,50 +308,45 @@ def test_errors_name_field_and_offset() -> None:
     e = err(sealed(1, 0, b"", se=0))
     assert e.field == "sender_epoch"
     # non-canonical: a NAT flag with a reply that is the inverse after all
-    nat_but_not = bytes.fromhex("1a06") + bytes(12) + bytes(12) + bytes(15)
+    nat_but_not = bytes.fromhex("1206") + SRC + DST + bytes.fromhex("9c4001bb") + DST + SRC + \
+        bytes.fromhex("01bb9c40") + bytes(10)
     e = err(sealed(1, 0, nat_but_not))
     assert e.field == "reply"
 
 
 def test_encode_errors_name_the_field() -> None:
-    cases = [
-        (FLOW._replace(orig=ORIG._replace(src=b"\x01\x02\x03")), "orig.src"),
-        (FLOW._replace(orig=ORIG._replace(family=5)), "orig.family"),
-        (FLOW._replace(status=0x10000), "status"),
-        (FLOW._replace(ct_id=-1), "ct_id"),
-        (FLOW._replace(orig=ORIG._replace(sport=70000)), "orig.sport"),
-        (NAT_FLOW._replace(reply=NAT_FLOW.reply._replace(family=6)), "reply.src"),
-        (FLOW._replace(tcp_state=256), "tcp_state"),
-    ]
-    for flow, field in cases:
-        with pytest.raises(FlowEncodeError) as e:
-            encode_full(flow)
-        assert e.value.field == field, flow
-    with pytest.raises(FlowEncodeError) as e:
-        encode_update(1, 2, 0x10000, 4, 5, 6)
-    assert e.value.field == "status"
-    with pytest.raises(FlowEncodeError) as e:
-        encode_datagram(Header(DatagramType.ACK, 1, 2, 3), [Delete(1, 2)], KEY)
+    for entry, field in ((ENTRY._replace(src=b"\x01\x02\x03"), "addresses"),
+                         (ENTRY._replace(family=5), "family"),
+                         (ENTRY._replace(status=0x10000), "entry"),
+                         (ENTRY._replace(rzone=3), "rzone")):
+        with pytest.raises(EncodeError) as e:
+            encode_entry(entry)
+        assert e.value.field == field, entry
+    with pytest.raises(EncodeError) as e:
+        encode_datagram(Header(DatagramType.ACK, 1, 2, 3), [DELETE], KEY)
     assert e.value.field == "records"
-    with pytest.raises(FlowEncodeError) as e:
+    with pytest.raises(EncodeError) as e:
         encode_datagram(Header(DatagramType.ACK, 1, 2**64, 3), [], KEY)
     assert e.value.field == "header"
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(st.lists(data_records(), min_size=1, max_size=8), st.data())
 def test_authentic_mutated_records_decode_cleanly(records: list[Record], data: st.DataObject) -> None:
     """Valid records with one byte changed (then resealed): a datagram or a clean WireError."""
+    records = [r for r in records if not isinstance(r, Entry) or _encodable(r)]
+    if not records:
+        return
     body = bytearray(encode_datagram(Header(DatagramType.DATA, 1, 2, 3), records, KEY, None)[:-16])
     i = data.draw(st.integers(wire.HEADER_LEN, len(body) - 1))
     body[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(wire.HEADER_LEN, len(body)))
-    sealed = seal(bytes(body[:cut]), KEY)
+    sealed_data = seal(bytes(body[:cut]), KEY)
     try:
-        dg = decode_datagram(sealed, KEY)
+        dg = decode_datagram(sealed_data, KEY)
     except AuthError:
         pytest.fail("a correctly sealed datagram failed authentication")
     except WireError as e:
-        assert 0 <= e.offset <= len(sealed)
+        assert 0 <= e.offset <= len(sealed_data)
         return
-    assert encode_datagram(dg.header, dg.records, KEY, mtu=None) == sealed
+    assert encode_datagram(dg.header, dg.records, KEY, mtu=None) == sealed_data

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
-from invictusd.vrrp.machine import AddAddresses, CommitReplica, RemoveAddresses, SendGarp
+from invictusd.vrrp.machine import AddAddresses, RemoveAddresses, SendGarp
 from invictusd.worker import ActionWorker
 
 
 class FakeDaemon:
-    def __init__(self, commit_seconds: float = 0.05) -> None:
+    def __init__(self, address_seconds: float = 0.001) -> None:
         self.master = False
         self.calls: list[str] = []
-        self.commit_seconds = commit_seconds
+        self.address_seconds = address_seconds
         self.failures: list[str] = []
 
     def is_master(self) -> bool:
         return self.master
 
-    async def commit(self) -> None:
-        self.calls.append("commit")
-        await asyncio.sleep(self.commit_seconds)
-
     async def set_addresses(self, present: bool) -> None:
         self.calls.append("add" if present else "remove")
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(self.address_seconds)
 
     async def announce(self, index: int) -> None:
         self.calls.append(f"garp{index}")
@@ -37,11 +33,11 @@ class FakeDaemon:
 
 
 def _takeover(w: ActionWorker) -> None:
-    for a in (CommitReplica(), AddAddresses(), SendGarp(0), SendGarp(1)):
+    for a in (AddAddresses(), SendGarp(0), SendGarp(1)):
         w.submit(a)
 
 
-def test_commit_then_addresses_then_arp() -> None:
+def test_addresses_then_arp() -> None:
     async def go() -> list[str]:
         d = FakeDaemon()
         w = ActionWorker(d)
@@ -52,19 +48,19 @@ def test_commit_then_addresses_then_arp() -> None:
         await w.stop()
         return d.calls
 
-    assert asyncio.run(go()) == ["commit", "add", "garp0", "garp1"]
+    assert asyncio.run(go()) == ["add", "garp0", "garp1"]
 
 
-def test_flapping_mastership_does_not_pile_up_commits_and_a_takeover_does_not_wait() -> None:
-    """Forged adverts with the public password flap mastership every ~0.6 s while commits
-    take longer: the queue used to grow by a commit per flap, and the real takeover's
+def test_flapping_mastership_does_not_pile_up_work_and_a_takeover_does_not_wait() -> None:
+    """Forged adverts with the public password flap mastership every ~0.6 s while address
+    changes are slow: the queue used to grow by a change per flap, and the real takeover's
     addresses waited behind all of them."""
 
     async def go() -> tuple[FakeDaemon, ActionWorker, float]:
-        d = FakeDaemon(commit_seconds=0.2)
+        d = FakeDaemon(address_seconds=0.2)
         w = ActionWorker(d)
         w.start()
-        for _ in range(50):  # 50 flaps while the first commit runs
+        for _ in range(50):  # 50 flaps while the first change runs
             d.master = True
             _takeover(w)
             await asyncio.sleep(0)
@@ -79,24 +75,23 @@ def test_flapping_mastership_does_not_pile_up_commits_and_a_takeover_does_not_wa
         return d, w, took
 
     d, w, took = asyncio.run(go())
-    assert d.calls.count("commit") <= 2, d.calls
-    assert d.calls[-4:] == ["commit", "add", "garp0", "garp1"], d.calls
-    assert took < 3 * 0.2 + 0.1  # at most the commit under way, then its own
-    assert w.counters["commits_coalesced"] >= 45
+    assert len([c for c in d.calls if c in ("add", "remove")]) <= 2, d.calls
+    assert d.calls[-3:] == ["add", "garp0", "garp1"], d.calls
+    assert took < 2 * 0.2 + 0.1  # at most the change under way, then its own
+    assert w.counters["coalesced"] >= 45
 
 
-def test_a_commit_for_a_mastership_that_ended_is_dropped() -> None:
+def test_work_for_a_mastership_that_ended_is_not_done() -> None:
     async def go() -> list[str]:
         d = FakeDaemon()
         w = ActionWorker(d)
         d.master = True
-        w.submit(CommitReplica())
+        _takeover(w)
         d.master = False  # lost before the worker ran
         w.submit(RemoveAddresses())
         w.start()
         assert await w.drain(5)
         await w.stop()
-        assert w.counters["commits_dropped"] == 1
         return d.calls
 
     assert asyncio.run(go()) == ["remove"]
@@ -122,4 +117,4 @@ def test_a_failing_action_is_reported_and_the_worker_goes_on() -> None:
 
     d = asyncio.run(go())
     assert d.failures and "No such device" in d.failures[0]
-    assert d.calls == ["commit", "garp0", "garp1", "resnapshot"]
+    assert d.calls == ["garp0", "garp1", "resnapshot"]

@@ -1,0 +1,381 @@
+"""The peer's records into our kernel, in stream order: the replica lives in the kernel.
+
+Each in-order datagram (a ``Delivery`` of the receiver) is turned into ctnetlink messages
+(one template per record kind, ``invictusd.io.transcode``) and injected in batches. While
+this node is backup, entries are injected as *replicas*: the replica mark bit (never
+announced, only swept), the current resync generation, and a long timeout, so that only the
+master's DELETE removes them (traffic refreshes a live entry on the master without an event).
+While this node is master (a split brain), the peer's entries are injected as its own.
+
+Stream control records need the kernel table as a whole: RESYNC_BEGIN may first re-mark an
+unfinished resync's entries, RESYNC_END sweeps the replica entries the resync did not
+refresh (deletes lost anywhere, an overrun on the master, a gap), DIGEST compares our
+replica with the master's table. Those are dumps; while one runs, later deliveries wait
+(the receiver holds the peer's window meanwhile), so the order of the stream is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as E
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from invictusd.io.conntrack import Injector
+from invictusd.io.scan import Scan
+from invictusd.io.transcode import Batch, EventTranscoder, build_entry, build_entry_delete
+from invictusd.sync import wire
+from invictusd.sync.policy import Generations, Remark, ReplicaMarks, Sweep
+from invictusd.sync.receiver import Delivery
+from invictusd.sync.session import SyncSession
+from invictusd.sync.wire import Delete, Digest, Entry, RequestReason, ResyncBegin, ResyncEnd
+
+BATCH = 512  # messages per injection batch
+DELIVERIES_PER_RUN = 64
+
+
+@dataclass(slots=True)
+class ApplyCounters:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    delete_missing: int = 0  # already gone (normal after a sweep or an expiry)
+    failures: Counter[int] = field(default_factory=Counter)  # errno -> count
+    over_capacity: int = 0
+    resyncs_applied: int = 0
+    swept: int = 0
+    remarked: int = 0
+    digests_matched: int = 0
+    digests_mismatched: int = 0
+    last_sweep_seconds: float = 0.0
+
+
+class Applier:
+    def __init__(
+        self,
+        session: SyncSession,
+        injector: Injector,
+        marks: ReplicaMarks,
+        transcoder: EventTranscoder,
+        *,
+        replica_timeout: int,
+        capacity: int,
+        master: Callable[[], bool],
+        progress: Callable[[], None],
+        log: Any,
+    ) -> None:
+        self.session = session
+        self.injector = injector
+        self.marks = marks
+        self.transcoder = transcoder  # reads replica entries (no replica filter)
+        self.replica_timeout = replica_timeout
+        self.capacity = capacity
+        self.master = master
+        self.progress = progress  # the engine sends what applying made due (acks)
+        self.log = log
+        self.gens = Generations()
+        self.counters = ApplyCounters()
+        self.replica_entries = 0  # replicas in our kernel, as far as we know (see count())
+        self._queue: deque[Delivery] = deque()
+        self._current: tuple[Delivery, int] | None = None  # a delivery a scan interrupted
+        self._blocking: Scan | None = None
+        self._resync_clean = True  # nothing refused since the last RESYNC_BEGIN
+
+    # ---- the pipeline ------------------------------------------------------------------------
+
+    def feed(self, deliveries: list[Delivery]) -> None:
+        self._queue.extend(deliveries)
+
+    @property
+    def busy(self) -> bool:
+        return self._blocking is not None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def run(self) -> None:
+        """Apply queued deliveries until none is left or a kernel scan must run first."""
+        loop = asyncio.get_running_loop()
+        for _ in range(DELIVERIES_PER_RUN):
+            if self._blocking is not None:
+                return
+            if self._current is None:
+                if not self._queue:
+                    return
+                self._current = (self._queue.popleft(), 0)
+            d, pos = self._current
+            pos = self._process(d, pos)
+            if self._blocking is not None:
+                self._current = (d, pos)  # the rest of it runs when the scan is done
+                return
+            self._current = None
+            self.session.applied(d.seq, loop.time())
+        if self._queue:
+            loop.call_soon(self._run_and_report)  # more next turn: the loop stays responsive
+
+    def _run_and_report(self) -> None:
+        self.run()
+        self.progress()
+
+    def reset(self) -> None:
+        """A new peer epoch: what was queued from the old stream is superseded."""
+        self._queue.clear()
+        if self._blocking is None:
+            self._current = None
+
+    def cancel(self) -> None:
+        if self._blocking is not None:
+            self._blocking.cancel()
+            self._blocking = None
+        self._queue.clear()
+        self._current = None
+
+    # ---- records -------------------------------------------------------------------------
+
+    def _process(self, d: Delivery, pos: int) -> int:
+        """Apply ``d``'s records from ``pos``; returns where it stopped (a scan started)."""
+        records = d.records
+        msgs: list[bytes] = []
+        recs: list[Entry | Delete] = []
+        base = self.injector.next_seqs(len(records) - pos)
+        master = self.master()
+        marks = self.marks
+        parity = self.gens.parity
+        replica_timeout = self.replica_timeout
+        for i in range(pos, len(records)):
+            rec = records[i]
+            if isinstance(rec, Entry):
+                if master:
+                    mark, timeout = marks.own_mark(rec.mark), rec.timeout
+                else:
+                    if rec.new and self.replica_entries >= self.capacity:
+                        self.counters.over_capacity += 1
+                        self._resync_clean = False
+                        continue
+                    mark, timeout = marks.replica_mark(rec.mark, parity), replica_timeout
+                msgs.append(build_entry(rec, base + len(msgs), create=rec.new, mark=mark, timeout=timeout))
+                recs.append(rec)
+            elif isinstance(rec, Delete):
+                msgs.append(build_entry_delete(rec, base + len(msgs)))
+                recs.append(rec)
+            else:
+                self._inject(msgs, recs, base)
+                msgs, recs = [], []
+                base = self.injector.next_seqs(len(records) - i)
+                if isinstance(rec, ResyncBegin):
+                    self._begin()
+                elif isinstance(rec, ResyncEnd):
+                    self._end()
+                elif isinstance(rec, Digest):
+                    self._check_digest(rec)
+                if self._blocking is not None:
+                    return i + 1
+                parity = self.gens.parity
+        self._inject(msgs, recs, base)
+        return len(records)
+
+    def _inject(self, msgs: list[bytes], recs: list[Entry | Delete], base: int) -> None:
+        if not msgs:
+            return
+        for start in range(0, len(msgs), BATCH):
+            failures = self.injector.run(msgs[start : start + BATCH], base + start)
+            self._account(recs, start, min(len(msgs), start + BATCH), failures)
+
+    def _account(self, recs: list[Entry | Delete], start: int, end: int, failures: dict[int, int]) -> None:
+        c = self.counters
+        master = self.master()
+        retry: list[tuple[int, Entry, int]] = []
+        for i in range(start, end):
+            err = failures.get(i - start, 0)
+            rec = recs[i]
+            if isinstance(rec, Delete):
+                if err == 0:
+                    c.deleted += 1
+                    if not master:
+                        self.replica_entries -= 1
+                elif err == E.ENOENT:
+                    c.delete_missing += 1
+                else:
+                    self._failed(err)
+                continue
+            if err == 0:
+                if rec.new:
+                    c.created += 1
+                    if not master:
+                        self.replica_entries += 1
+                else:
+                    c.updated += 1
+            elif err in (E.EEXIST, E.ENOENT, E.EBUSY) and not _touched_later(recs, i, end):
+                retry.append((i, rec, err))
+            elif err not in (E.EEXIST, E.ENOENT, E.EBUSY):
+                self._failed(err)
+        if retry:
+            self._retry(retry)
+
+    def _retry(self, retry: list[tuple[int, Entry, int]]) -> None:
+        """A create that found the entry becomes an update, an update that did not becomes a
+        create, and an update refused for a status bit the entry has gets no status."""
+        master = self.master()
+        parity = self.gens.parity
+        base = self.injector.next_seqs(len(retry))
+        msgs = []
+        for j, (_, rec, err) in enumerate(retry):
+            if master:
+                mark, timeout = self.marks.own_mark(rec.mark), rec.timeout
+            else:
+                mark, timeout = self.marks.replica_mark(rec.mark, parity), self.replica_timeout
+            msgs.append(build_entry(rec, base + j, create=err == E.ENOENT, mark=mark, timeout=timeout,
+                                    with_status=err != E.EBUSY))
+        failures = self.injector.run(msgs, base)
+        again: list[tuple[int, Entry, int]] = []
+        for j, (i, rec, err) in enumerate(retry):
+            f = failures.get(j, 0)
+            if f == 0:
+                if err == E.ENOENT:
+                    self.counters.created += 1
+                    if not master:
+                        self.replica_entries += 1
+                else:
+                    self.counters.updated += 1
+            elif f == E.EBUSY and err == E.EEXIST:
+                again.append((i, rec, E.EBUSY))
+            else:
+                self._failed(f)
+        if again:
+            self._retry(again)
+
+    def _failed(self, err: int) -> None:
+        self.counters.failures[err] += 1
+        self._resync_clean = False
+
+    # ---- stream control ----------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        steps = self.gens.begin()
+        self._resync_clean = True
+        self.session.receiver.resync_begun(asyncio.get_running_loop().time())
+        for step in steps:
+            self._remark(step)
+
+    def _end(self) -> None:
+        sweep = self.gens.end()
+        if sweep is None:
+            self._completed()
+        else:
+            self._sweep(sweep)
+
+    def _completed(self) -> None:
+        self.counters.resyncs_applied += 1
+        complete = self._resync_clean
+        self.session.receiver.resync_completed(asyncio.get_running_loop().time(), complete)
+        if not complete:
+            self.log.warning("sync: resync applied with entries missing",
+                             over_capacity=self.counters.over_capacity,
+                             failures={str(k): v for k, v in self.counters.failures.items()})
+
+    def _scan(self, name: str, filt: tuple[int, int], on_batch: Callable[[Batch], None],
+              done: Callable[[Scan], None]) -> None:
+        def finished(scan: Scan) -> None:
+            self._blocking = None
+            done(scan)
+            self._resume()
+
+        def failed(scan: Scan, e: BaseException) -> None:
+            # The stream goes on; what this scan was for is incomplete: ask for a resync.
+            self._blocking = None
+            self.log.error("sync: kernel dump failed", job=name, error=repr(e))
+            self._resync_clean = False
+            self.session.divergence(RequestReason.APPLY_FAILED, asyncio.get_running_loop().time())
+            self._resume()
+
+        scan = Scan(name, filt[0], filt[1], self.transcoder, on_batch, finished, failed)
+        self._blocking = scan
+        scan.start()
+
+    def _resume(self) -> None:
+        self.run()
+        self.progress()
+
+    def _entries(self, batch: Batch) -> list[Entry]:
+        """Decode a scan batch's records (our own encoding: they are valid)."""
+        data = b"".join(batch.records)
+        return [r for r in wire.decode_records(data) if isinstance(r, Entry)]
+
+    def _remark(self, step: Remark) -> None:
+        to = step.to_parity
+
+        def on_batch(batch: Batch) -> None:
+            entries = self._entries(batch)
+            base = self.injector.next_seqs(len(entries))
+            msgs = [build_entry(e, base + i, create=False, with_status=False,
+                                mark=self.marks.replica_mark(e.mark, to), timeout=self.replica_timeout)
+                    for i, e in enumerate(entries)]
+            failures = self.injector.run(msgs, base) if msgs else {}
+            self.counters.remarked += len(msgs) - len(failures)
+
+        self._scan("remark", self.marks.filter_replica(step.from_parity), on_batch, lambda s: None)
+
+    def _sweep(self, step: Sweep) -> None:
+        t0 = time.perf_counter()
+
+        def on_batch(batch: Batch) -> None:
+            entries = self._entries(batch)
+            base = self.injector.next_seqs(len(entries))
+            msgs = [build_entry_delete(Delete(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone),
+                                       base + i) for i, e in enumerate(entries)]
+            failures = self.injector.run(msgs, base) if msgs else {}
+            gone = len(msgs) - len(failures)
+            self.counters.swept += gone
+            self.replica_entries -= gone
+
+        def done(scan: Scan) -> None:
+            self.counters.last_sweep_seconds = round(time.perf_counter() - t0, 3)
+            self._completed()
+
+        self._scan("sweep", self.marks.filter_replica(step.parity), on_batch, done)
+
+    def _check_digest(self, rec: Digest) -> None:
+        """Our replica's count and XOR of key hashes, taken at this point of the stream."""
+        acc = [0, 0]
+
+        def on_batch(batch: Batch) -> None:
+            for e in self._entries(batch):
+                acc[0] += 1
+                acc[1] ^= wire.key_hash(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+
+        def done(scan: Scan) -> None:
+            self.replica_entries = acc[0]  # the kernel's count is the truth
+            if (acc[0], acc[1]) == (rec.entries, rec.digest):
+                self.counters.digests_matched += 1
+            else:
+                self.counters.digests_mismatched += 1
+                self.log.warning("sync: digest mismatch: resync requested", here=acc[0],
+                                 on_the_peer=rec.entries)
+                self.session.receiver.digest_mismatch(asyncio.get_running_loop().time())
+
+        self._scan("digest", self.marks.filter_replica(), on_batch, done)
+
+    def count(self) -> None:
+        """Count our replica entries (at start: what a previous run left in the kernel)."""
+        acc = [0]
+
+        def on_batch(batch: Batch) -> None:
+            acc[0] += len(batch.records)
+
+        def done(scan: Scan) -> None:
+            self.replica_entries = acc[0]
+
+        self._scan("count", self.marks.filter_replica(), on_batch, done)
+
+
+def _touched_later(recs: list[Entry | Delete], i: int, end: int) -> bool:
+    """Whether a later record of the batch names the same entry (then a retry of record
+    ``i`` would apply an older state after a newer one)."""
+    r = recs[i]
+    ident = (r.family, r.proto, r.src, r.dst, r.sport, r.dport, r.zone)
+    return any((x.family, x.proto, x.src, x.dst, x.sport, x.dport, x.zone) == ident
+               for x in recs[i + 1 : end])

@@ -1,0 +1,250 @@
+"""Decisions of the replication engine that need no I/O, each testable with a scripted clock.
+
+* ``Generations``: which resync generation the backup's kernel entries belong to, so that
+  the end of a resync removes exactly the entries it did not refresh (lost deletes).
+* ``PreemptionHold``: pfsync's lesson, when a returning node may take mastership back.
+* ``Backoff``: retrying a failed kernel dump.
+* ``handover_timeout``: the timeout an inherited entry gets when its node becomes master.
+* ``ReplicaMarks``: the conntrack mark bits that say who owns an entry.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from invictusd import flows as F
+
+# ---- marks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaMarks:
+    """Three bits of the conntrack mark.
+
+    ``mark_bit``: the connection is replicated (the original tool's meaning; set by the mark
+    rule). ``replica_bit``: this node holds the entry for the peer (only the master's entries
+    are announced, and only replica entries are swept). ``generation_bit``: which resync last
+    refreshed a replica entry.
+    """
+
+    mark_bit: int = 30
+    replica_bit: int = 29
+    generation_bit: int = 28
+
+    @property
+    def marked(self) -> int:
+        return 1 << self.mark_bit
+
+    @property
+    def replica(self) -> int:
+        return 1 << self.replica_bit
+
+    @property
+    def generation(self) -> int:
+        return 1 << self.generation_bit
+
+    @property
+    def ours(self) -> int:
+        """The bits of ours that never travel on the wire."""
+        return self.replica | self.generation
+
+    def replica_mark(self, mark: int, parity: int) -> int:
+        """The mark a replica entry gets in the backup's kernel."""
+        return (mark & ~self.ours) | self.marked | self.replica | (self.generation if parity else 0)
+
+    def own_mark(self, mark: int) -> int:
+        return (mark & ~self.ours) | self.marked
+
+    def filter_replica(self, parity: int | None = None) -> tuple[int, int]:
+        """(mark, mask) of a kernel dump filter: replica entries (of ``parity`` if given)."""
+        if parity is None:
+            return self.marked | self.replica, self.marked | self.replica
+        mask = self.marked | self.replica | self.generation
+        return self.marked | self.replica | (self.generation if parity else 0), mask
+
+    def filter_own(self) -> tuple[int, int]:
+        """(mark, mask): marked entries that are not replicas."""
+        return self.marked, self.marked | self.replica
+
+    def filter_marked(self) -> tuple[int, int]:
+        return self.marked, self.marked
+
+
+# ---- resync generations on the receiver -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Remark:
+    """Before a new resync: entries of an unfinished one go back to the completed parity."""
+
+    from_parity: int
+    to_parity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """After a resync: remove replica entries of this parity (not refreshed by it)."""
+
+    parity: int
+
+
+@dataclass(slots=True)
+class Generations:
+    """Invariant at every RESYNC_BEGIN: all replica entries have parity ``done``.
+
+    BEGIN: injections use the other parity (``current``); END: what still has ``done`` was
+    not refreshed and is swept, and ``current`` becomes ``done``. A resync that never ended
+    leaves both parities behind; the next BEGIN first re-marks them (``Remark``), so one
+    parity bit stays exact whatever the interruptions. At start the parities of entries left
+    by a previous run are unknown: the state begins as if a resync were unfinished.
+    """
+
+    done: int = 0
+    current: int = 1
+    active: bool = True  # a resync begun and not ended (or unknown state at start)
+
+    def begin(self) -> list[Remark]:
+        steps = [Remark(self.current, self.done)] if self.active else []
+        self.current = 1 - self.done
+        self.active = True
+        return steps
+
+    def end(self) -> Sweep | None:
+        if not self.active:
+            return None
+        sweep = Sweep(self.done)
+        self.done = self.current
+        self.active = False
+        return sweep
+
+    @property
+    def parity(self) -> int:
+        """The parity of what is injected now."""
+        return self.current
+
+
+# ---- preemption hold --------------------------------------------------------------------
+
+
+class HoldWhy(enum.Enum):
+    NONE = ""
+    LINK_DOWN = "the sync link is down"
+    NO_TABLE = "waiting for the peer's connection table"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldDecision:
+    demoted: bool
+    reason: str
+    warn: bool  # log a warning now (at most every ``warn_every`` while holding)
+    expired: bool  # hold_max has just run out
+
+
+@dataclass(slots=True)
+class PreemptionHold:
+    """A node that is not master does not preempt while the sync link is down or until the
+    peer's bulk table is complete, however long that takes, unless ``hold_max`` (> 0)
+    bounds it. Taking over from a dead master is never held (that is Master_Down's job)."""
+
+    hold_max: float = 0.0
+    warn_every: float = 10.0
+    since: float | None = None
+    _warned: float | None = None
+    _expired: bool = False
+
+    def update(self, now: float, link_up: bool, synced: bool, interface: str = "") -> HoldDecision:
+        why = HoldWhy.LINK_DOWN if not link_up else HoldWhy.NO_TABLE if not synced else HoldWhy.NONE
+        if why is HoldWhy.NONE:
+            self.since = self._warned = None
+            self._expired = False
+            return HoldDecision(False, "", False, False)
+        if self.since is None:
+            self.since = now
+        reason = why.value
+        if interface and why is HoldWhy.LINK_DOWN:
+            reason = f"sync link {interface} is down"
+        if self.hold_max and now - self.since >= self.hold_max:
+            expired = not self._expired
+            self._expired = True
+            return HoldDecision(False, "", False, expired)
+        warn = (self._warned is None and now - self.since >= self.warn_every) or (
+            self._warned is not None and now - self._warned >= self.warn_every)
+        if warn:
+            self._warned = now
+        return HoldDecision(True, reason, warn, False)
+
+    def held_for(self, now: float) -> float | None:
+        return None if self.since is None else now - self.since
+
+
+# ---- retrying failed kernel reads -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Backoff:
+    first: float = 1.0
+    limit: float = 30.0
+    _next: float = 0.0
+    failures: int = 0
+
+    def failed(self, now: float) -> float:
+        """A failure: returns when to try again."""
+        self.failures += 1
+        delay = self._next or self.first
+        self._next = min(delay * 2, self.limit)
+        return now + delay
+
+    def succeeded(self) -> None:
+        self._next = 0.0
+
+
+# ---- timeouts ---------------------------------------------------------------------------
+
+# sysctl names under /proc/sys/net/netfilter by TCP state.
+TCP_TIMEOUT_SYSCTLS = {
+    F.TCP_SYN_SENT: "nf_conntrack_tcp_timeout_syn_sent",
+    F.TCP_SYN_RECV: "nf_conntrack_tcp_timeout_syn_recv",
+    F.TCP_ESTABLISHED: "nf_conntrack_tcp_timeout_established",
+    F.TCP_FIN_WAIT: "nf_conntrack_tcp_timeout_fin_wait",
+    F.TCP_CLOSE_WAIT: "nf_conntrack_tcp_timeout_close_wait",
+    F.TCP_LAST_ACK: "nf_conntrack_tcp_timeout_last_ack",
+    F.TCP_TIME_WAIT: "nf_conntrack_tcp_timeout_time_wait",
+    F.TCP_CLOSE: "nf_conntrack_tcp_timeout_close",
+    F.TCP_SYN_SENT2: "nf_conntrack_tcp_timeout_syn_sent",
+}
+OTHER_TIMEOUT_SYSCTLS = ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream",
+                         "nf_conntrack_icmp_timeout", "nf_conntrack_icmpv6_timeout",
+                         "nf_conntrack_generic_timeout")
+# Kernel defaults (6.x), used where a sysctl cannot be read.
+DEFAULT_TIMEOUTS = {
+    "nf_conntrack_tcp_timeout_syn_sent": 120, "nf_conntrack_tcp_timeout_syn_recv": 60,
+    "nf_conntrack_tcp_timeout_established": 432000, "nf_conntrack_tcp_timeout_fin_wait": 120,
+    "nf_conntrack_tcp_timeout_close_wait": 60, "nf_conntrack_tcp_timeout_last_ack": 30,
+    "nf_conntrack_tcp_timeout_time_wait": 120, "nf_conntrack_tcp_timeout_close": 10,
+    "nf_conntrack_udp_timeout": 30, "nf_conntrack_udp_timeout_stream": 120,
+    "nf_conntrack_icmp_timeout": 30, "nf_conntrack_icmpv6_timeout": 30,
+    "nf_conntrack_generic_timeout": 600,
+}
+
+
+def handover_timeout(proto: int, tcp_state: int, status: int, table: Mapping[str, int]) -> int:
+    """What the kernel would have given the entry at its last packet: a live connection's
+    next packet resets it anyway, a dead one expires as it would have on the old master.
+
+    The replica timeout (days) only ever applies while the entry is held for the peer."""
+    def get(name: str) -> int:
+        return int(table.get(name, DEFAULT_TIMEOUTS[name]))
+
+    if proto == F.IPPROTO_TCP:
+        name = TCP_TIMEOUT_SYSCTLS.get(tcp_state)
+        return get(name) if name else get("nf_conntrack_tcp_timeout_established")
+    if proto == F.IPPROTO_UDP:
+        assured = status & F.IPS_ASSURED
+        return get("nf_conntrack_udp_timeout_stream" if assured else "nf_conntrack_udp_timeout")
+    if proto == F.IPPROTO_ICMP:
+        return get("nf_conntrack_icmp_timeout")
+    if proto == F.IPPROTO_ICMPV6:
+        return get("nf_conntrack_icmpv6_timeout")
+    return get("nf_conntrack_generic_timeout")
