@@ -142,7 +142,8 @@ def _entry_record(
 
 # --- layouts ---------------------------------------------------------------------------------
 # A compiled layout is a plain tuple (cheap to unpack on the hot path):
-#   (op, check_unpack, expected, data_unpack, perm, proto, v6, head_base, upsert_base)
+#   (op, check_unpack, expected, data_unpack, perm, proto, v6, head_base, upsert_base,
+#    family, key_pack, plain_pack, plain_tcp_pack, nat_pack, nat_tcp_pack)
 # ``perm``: None, or an itemgetter putting the data fields in the op's canonical order.
 OP_SKIP: Final = 0  # no CTA_MARK: unmarked, filtered out
 OP_PORTS: Final = 1  # entry, ports, no zone, no protoinfo: src dst sp dp rs rd rsp rdp st to mk
@@ -345,7 +346,9 @@ def _top_walk(
 
 def _hint(buf: bytes, off: int, checks: list[tuple[int, int]]) -> Layout:
     cs = _check_struct(checks) if checks else struct.Struct(">16x")
-    return (OP_GENERIC, cs.unpack_from, cs.unpack_from(buf, off), cs.unpack_from, None, 0, False, 0, 0)
+    unused = _KEY[False].pack
+    return (OP_GENERIC, cs.unpack_from, cs.unpack_from(buf, off), cs.unpack_from, None, 0, False, 0, 0,
+            4, unused, unused, unused, unused, unused)
 
 
 def compile_layout(buf: bytes, off: int, mlen: int, mtype: int, mflags: int) -> Layout | None:
@@ -436,7 +439,8 @@ def compile_layout(buf: bytes, off: int, mlen: int, mtype: int, mflags: int) -> 
     v6f = _RF_V6 if v6 else 0
     head = (_T_DELETE if is_delete else _T_NEW if new else _T_UPSERT) | v6f
     return (op, cs.unpack_from, cs.unpack_from(buf, off), ds.unpack_from, perm, proto, v6, head,
-            _T_UPSERT | v6f)
+            _T_UPSERT | v6f, 6 if v6 else 4, _KEY[v6].pack, _REC[v6, False, False].pack,
+            _REC[v6, False, True].pack, _REC[v6, True, False].pack, _REC[v6, True, True].pack)
 
 
 class EventTranscoder:
@@ -484,9 +488,6 @@ class EventTranscoder:
         rmask = self._rmask
         cache_get = self._cache.get
         data: bytes | None = buf if type(buf) is bytes else None
-        key4 = _KEY[False].pack
-        key6 = _KEY[True].pack
-        rec_plain = _REC
         fast = 0
         off = 0
         while off < nbytes:
@@ -505,7 +506,7 @@ class EventTranscoder:
                         break
             if lay is not None and lay[0] != OP_GENERIC:
                 fast += 1
-                op, _, _, du, perm, proto, v6, hb, ub = lay
+                op, _, _, du, perm, proto, v6, hb, ub, fam, kp, e_pl, e_plp, e_nat, e_natp = lay
                 if op in _ENTRY_PORT_OPS:
                     t = du(buf, off)
                     if perm is not None:
@@ -521,17 +522,15 @@ class EventTranscoder:
                         h = ub if dump else hb
                         if rs == dst and rd == src and rsp == dp and rdp == sp:
                             if tcp:
-                                rec(rec_plain[v6, False, True].pack(h | _RF_PI, proto, src, dst, sp, dp,
-                                                                    st, to, mk, tcp))
+                                rec(e_plp(h | _RF_PI, proto, src, dst, sp, dp, st, to, mk, tcp))
                             else:
-                                rec(rec_plain[v6, False, False].pack(h, proto, src, dst, sp, dp, st, to, mk))
+                                rec(e_pl(h, proto, src, dst, sp, dp, st, to, mk))
                         elif tcp:
-                            rec(rec_plain[v6, True, True].pack(h | _RF_NAT | _RF_PI, proto, src, dst, sp, dp,
-                                                               rs, rd, rsp, rdp, st, to, mk, tcp))
+                            rec(e_natp(h | _RF_NAT | _RF_PI, proto, src, dst, sp, dp, rs, rd, rsp, rdp,
+                                       st, to, mk, tcp))
                         else:
-                            rec(rec_plain[v6, True, False].pack(h | _RF_NAT, proto, src, dst, sp, dp,
-                                                                rs, rd, rsp, rdp, st, to, mk))
-                        key((key6 if v6 else key4)(6 if v6 else 4, proto, 0, sp, dp, src, dst))
+                            rec(e_nat(h | _RF_NAT, proto, src, dst, sp, dp, rs, rd, rsp, rdp, st, to, mk))
+                        key(kp(fam, proto, 0, sp, dp, src, dst))
                 elif op == OP_DEL_PORTS:
                     t = du(buf, off)
                     if perm is not None:
@@ -541,7 +540,7 @@ class EventTranscoder:
                         skipped += 1
                     else:
                         rec(_DEL[v6].pack(hb, proto, src, dst, sp, dp))
-                        key((key6 if v6 else key4)(6 if v6 else 4, proto, 0, sp, dp, src, dst))
+                        key(kp(fam, proto, 0, sp, dp, src, dst))
                         deleted += 1
                 elif op == OP_GENERAL:
                     (src, dst, sp, dp, code, rs, rd, rsp, rdp, rcode, ozone, rzone, st, to, tcp,
@@ -566,7 +565,7 @@ class EventTranscoder:
                                 off += (mlen + 3) & ~3
                                 continue
                             rec(r)
-                        key((key6 if v6 else key4)(6 if v6 else 4, proto, ozone, sp, dp, src, dst))
+                        key(kp(fam, proto, ozone, sp, dp, src, dst))
                 else:  # OP_SKIP
                     skipped += 1
                 off += (mlen + 3) & ~3
