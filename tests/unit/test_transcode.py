@@ -1,0 +1,467 @@
+"""Transcoding: kernel events -> wire records, wire records -> kernel requests, event filter.
+
+The reference for every fast path is the generic code it replaces: ``ctnetlink.parse_messages``
++ ``wire.encode_entry(wire.entry_from_flow(...))`` for the master side, ``ctnetlink.build_create``
+/ ``build_delete`` of ``wire.flow_from_entry`` for the backup side. Events are real captures
+(``ct_event_vectors.py``); hypothesis mutates them and checks the compiled layouts never
+disagree with the generic walk.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from invictusd import cbpf
+from invictusd import flows as F
+from invictusd.io import ctnetlink as ct
+from invictusd.io import transcode as T
+from invictusd.sync import wire
+from tests import cbpf_vm
+from tests.timeouts import no_hang
+from tests.unit.ct_event_vectors import EVENTS
+from tests.unit.test_ctnetlink_codec import VECTORS_HEX
+
+MARK_BIT = 30
+MARK = 1 << MARK_BIT
+REPLICA = 0x1  # some captured entries carry MARK | 1 or MARK | 3: they count as replica
+EV: dict[str, bytes] = {k: bytes.fromhex(v) for k, v in EVENTS.items()}
+CLI_EV: dict[str, bytes] = {k: bytes.fromhex(v) for k, v in VECTORS_HEX.items()}
+_CLI_OK = ("tcp_new", "tcp_update", "tcp_destroy", "udp_new_nomark", "icmp_new", "tcp6_zone_new",
+           "icmp6_new", "tcp_snat_new", "dump_mark30", "dump_done", "ack_ok", "create_tcp", "create_snat")
+ALL_CT = {**{f"cap_{k}": v for k, v in EV.items()}, **{f"cli_{k}": CLI_EV[k] for k in _CLI_OK}}
+V4 = socket.inet_aton
+
+
+def V6(s: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, s)
+
+
+class Expected:
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.keys: list[bytes] = []
+        self.deleted = 0
+        self.unencodable = 0
+
+
+def reference(buf: bytes, mark_bit: int = MARK_BIT, replica_mask: int = REPLICA,
+              dump: bool = False) -> Expected:
+    """What the transcoder must produce, by the generic codec (raises NetlinkError)."""
+    out = Expected()
+    for ev in ct.parse_messages(buf, len(buf), 1 << mark_bit):
+        flow = ev.flow
+        if flow.mark & replica_mask:
+            continue
+        o = flow.orig
+        try:
+            if ev.kind == F.EventKind.DESTROY:
+                rec = wire.encode_delete(wire.delete_from_key(o))
+                out.deleted += 1
+            else:
+                e = wire.entry_from_flow(flow, ev.kind == F.EventKind.NEW and not dump)
+                if len(e.rsrc) == len(e.src) == len(e.dst) == len(e.rdst) and e.family == flow.reply.family \
+                        and e.zone != e.rzone and not e.is_nat:
+                    out.unencodable += 1
+                    continue
+                rec = wire.encode_entry(e)
+        except wire.EncodeError as exc:
+            raise ct.NetlinkError("entry", 0, str(exc)) from None
+        out.records.append(rec)
+        out.keys.append(wire.key_bytes(o.family, o.proto, o.src, o.dst, o.sport, o.dport, o.zone))
+    return out
+
+
+def check_same(tr: T.EventTranscoder, buf: bytes, dump: bool = False) -> T.Batch | None:
+    try:
+        want = reference(buf, dump=dump)
+    except ct.NetlinkError:
+        with pytest.raises(ct.NetlinkError):
+            tr.transcode(buf, len(buf), dump=dump)
+        return None
+    got = tr.transcode(buf, len(buf), dump=dump)
+    assert got.records == want.records
+    assert got.keys == want.keys
+    assert got.deleted == want.deleted
+    assert got.unencodable == want.unencodable
+    return got
+
+
+def warmed() -> T.EventTranscoder:
+    tr = T.EventTranscoder(MARK_BIT, REPLICA)
+    for buf in ALL_CT.values():
+        tr.transcode(buf, len(buf))
+    return tr
+
+
+# --- master side: golden captures ------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ALL_CT))
+def test_capture_matches_generic_cold_and_warm(name: str) -> None:
+    buf = ALL_CT[name]
+    tr = T.EventTranscoder(MARK_BIT, REPLICA)
+    cold = check_same(tr, buf)
+    fast_before = tr.fast
+    warm = check_same(tr, buf)
+    assert cold == warm
+    if name not in ("cli_dump_done", "cli_ack_ok", "cli_dump_request"):  # no conntrack entry
+        assert tr.fast > fast_before, "second pass should take the compiled layout"
+
+
+def test_every_captured_layout_compiles_to_a_fast_op() -> None:
+    tr = warmed()
+    ops = {lay[0] for lays in tr._cache.values() for lay in lays}
+    assert T.OP_GENERIC not in ops
+    assert {T.OP_PORTS, T.OP_PORTS_TCP, T.OP_DEL_PORTS, T.OP_GENERAL, T.OP_SKIP} <= ops
+
+
+def _one(name: str, **kw: Any) -> T.Batch:
+    buf = EV[name]
+    return T.EventTranscoder(MARK_BIT, kw.pop("replica_mask", REPLICA)).transcode(buf, len(buf), **kw)
+
+
+def test_record_kinds_and_pinned_bytes() -> None:
+    new = _one("nl_tcp_new")
+    assert new.records == [bytes.fromhex("18060a0000010a0000029c400050000e0000012c4000000003")]
+    assert new.keys == [wire.key_bytes(4, 6, V4("10.0.0.1"), V4("10.0.0.2"), 40000, 80, 0)]
+    assert (new.deleted, new.done, new.skipped, new.unencodable) == (0, False, 0, 0)
+    # the update carries MARK | 1: a replica bit with REPLICA = 1
+    assert _one("nl_tcp_update").skipped == 1
+    upd = _one("nl_tcp_update", replica_mask=0x2)
+    assert upd.records[0][0] >> 4 == wire.RecordType.UPSERT
+    dele = _one("nl_tcp_destroy", replica_mask=0x2)
+    assert dele.records == [bytes.fromhex("30060a0000010a0000029c400050")] and dele.deleted == 1
+    assert _one("nl_tcp_new", dump=True).records[0][0] >> 4 == wire.RecordType.UPSERT
+
+
+def test_nat_zone_icmp_v6_records_decode_back() -> None:
+    tr = T.EventTranscoder(MARK_BIT, REPLICA)
+    want = {
+        "nl_snat_new": (True, 0, 0),
+        "pkt_tcp_snat_new": (True, 0, 0),
+        "pkt_tcp_dnat_update": (True, 0, 0),
+        "pkt_udp_dnat_new": (True, 0, 0),
+        "nl_zone_new": (False, 5, 5),
+        "pkt_zone_new": (False, 7, 7),
+        "nl_dirzone_new": (True, 6, 0),
+        "pkt_ping_new": (False, 0, 0),
+        "pkt_ping6_update": (False, 0, 0),
+        "nl_tcp6_new": (False, 0, 0),
+    }
+    for name, (nat, zone, rzone) in want.items():
+        for _ in range(2):  # generic, then compiled
+            b = tr.transcode(EV[name], len(EV[name]))
+            (e,) = wire._decode_records(b.records[0], 0, len(b.records[0]), wire._DATA_RECORDS)
+            assert isinstance(e, wire.Entry), name
+            assert (e.is_nat, e.zone, e.rzone) == (nat, zone, rzone), name
+            assert e.mark & MARK, name
+            assert b.keys == [wire.entry_key(e)], name
+
+
+def test_unmarked_and_unencodable() -> None:
+    assert _one("nl_unmarked_new").skipped == 1  # CTA_MARK 0
+    assert _one("nl_unmarked_destroy").skipped == 1  # no CTA_MARK at all
+    # a directional zone without NAT: wire v2 has no form for it
+    b = _one("pkt_dirzone_new")
+    assert (b.records, b.unencodable, b.skipped) == ([], 1, 0)
+    d = _one("pkt_dirzone_destroy")
+    (rec,) = wire._decode_records(d.records[0], 0, len(d.records[0]), wire._DATA_RECORDS)
+    assert isinstance(rec, wire.Delete) and rec.zone == 9
+
+
+def test_replica_mask_and_other_mark_bit() -> None:
+    buf = b"".join(EV.values())
+    everything = T.EventTranscoder(MARK_BIT, 0).transcode(buf, len(buf))
+    stricter = T.EventTranscoder(MARK_BIT, 0x3).transcode(buf, len(buf))
+    assert len(stricter.records) < len(everything.records)
+    none = T.EventTranscoder(29, 0).transcode(buf, len(buf))
+    assert none.records == [] and none.skipped == len(EV)
+    for b in (everything, stricter):
+        assert len(b.records) + b.skipped + b.unencodable == len(EV)
+
+
+def test_stream_buffers_and_nbytes() -> None:
+    msgs = list(EV.values())
+    buf = b"".join(msgs)
+    tr = warmed()
+    whole = tr.transcode(buf, len(buf))
+    parts = [tr.transcode(m, len(m)) for m in msgs]
+    assert whole.records == [r for p in parts for r in p.records]
+    assert whole.skipped == sum(p.skipped for p in parts)
+    big = bytearray(buf) + bytearray(100)
+    assert tr.transcode(big, len(buf)) == whole
+    assert tr.transcode(memoryview(big), len(buf)) == whole
+    assert T.EventTranscoder(MARK_BIT, REPLICA).transcode(memoryview(big), len(buf)) == whole
+    with pytest.raises(ct.NetlinkError):
+        tr.transcode(buf, len(buf) + 1)
+    with pytest.raises(ct.NetlinkError):
+        tr.transcode(buf, -1)
+
+
+def test_dump_chunk_done_and_errors() -> None:
+    dump = CLI_EV["dump_mark30"] + CLI_EV["dump_done"]
+    b = T.EventTranscoder(MARK_BIT, 0).transcode(dump + dump, len(dump) * 2, dump=True)
+    assert b.done and len(b.records) == 4  # stops at the first NLMSG_DONE
+    first = T.EventTranscoder(MARK_BIT, 0).transcode(CLI_EV["dump_mark30"], len(CLI_EV["dump_mark30"]))
+    assert not first.done and first.records == b.records
+    assert all(r[0] >> 4 == wire.RecordType.UPSERT for r in b.records)
+    ack = CLI_EV["ack_ok"] + CLI_EV["dump_done"]
+    assert T.EventTranscoder(MARK_BIT, 0).transcode(ack, len(ack)) == T.Batch([], [], 0, True, 0, 0)
+    err = CLI_EV["ack_eexist"]
+    with pytest.raises(ct.KernelError):
+        T.EventTranscoder(MARK_BIT, 0).transcode(err, len(err))
+    tr = warmed()
+    buf = EV["nl_tcp_new"]
+    with pytest.raises(ct.NetlinkError, match="nlmsghdr at offset 232"):
+        tr.transcode(buf + b"\0" * 8, len(buf) + 8)
+    with pytest.raises(ct.NetlinkError, match="nlmsg_len at offset 0"):
+        tr.transcode(buf[:200], 200)
+
+
+def _with_extra_attr(msg: bytes, size: int) -> bytes:
+    """``msg`` with an unknown top-level attribute of ``size`` payload bytes appended."""
+    attr = struct.pack("=HH", 4 + size, 30) + bytes(size) + bytes(-size % 4)
+    out = msg + attr
+    return struct.pack("=I", len(out)) + out[4:]
+
+
+def test_cache_is_bounded_and_layouts_per_key() -> None:
+    tr = T.EventTranscoder(MARK_BIT, 0)
+    base = EV["nl_tcp_new"]
+    for size in range(0, 4 * (T.MAX_KEYS + 20), 4):
+        m = _with_extra_attr(base, size)
+        check_same(tr, m)
+    assert len(tr._cache) <= T.MAX_KEYS
+    # same length and type, different attribute types: several layouts for one key
+    tr = T.EventTranscoder(MARK_BIT, 0)
+    for t in range(30, 40):
+        m = bytearray(_with_extra_attr(base, 4))
+        struct.pack_into("=H", m, len(base) + 2, t)
+        check_same(tr, bytes(m))
+        check_same(tr, bytes(m))
+    assert max(len(v) for v in tr._cache.values()) <= T.MAX_LAYOUTS_PER_KEY
+    assert tr.fast > 0
+
+
+def test_unknown_nested_attributes_fall_back_to_generic() -> None:
+    # An attribute inside the orig tuple the compiler does not know: the layout is a hint
+    # (generic every time), and the output still equals the reference.
+    m = bytearray(EV["nl_tcp_new"])
+    # CTA_PROTO_DST_PORT (type 3) of the orig tuple at offset 20+4+20+4+5+3+8 = 64 -> type 40
+    assert struct.unpack_from("=HH", m, 64) == (6, 3)
+    struct.pack_into("=H", m, 66, 40)
+    tr = T.EventTranscoder(MARK_BIT, REPLICA)
+    for _ in range(3):
+        check_same(tr, bytes(m))
+    assert tr.fast == 0 or all(lay[0] == T.OP_GENERIC for lays in tr._cache.values() for lay in lays)
+
+
+# --- master side: fuzzing against the generic walk -------------------------------------------
+_NAMES = sorted(ALL_CT)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_NAMES), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+       st.integers(0, 400), st.booleans())
+def test_fuzz_mutated_captures_agree_with_generic(name: str, flips: list[tuple[int, int]], cut: int,
+                                                  dump: bool) -> None:
+    buf = bytearray(ALL_CT[name])
+    for pos, val in flips:
+        if pos < len(buf):
+            buf[pos] = val
+    data = bytes(buf[: max(cut, 0)] if cut < len(buf) else buf)
+    with no_hang(5, "transcode"):
+        check_same(TR_WARM, data, dump)
+        check_same(T.EventTranscoder(MARK_BIT, REPLICA), data, dump)
+
+
+TR_WARM = warmed()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_NAMES), st.integers(20, 400), st.integers(0, 0xFFFF))
+def test_fuzz_header_words_agree_with_generic(name: str, pos: int, word: int) -> None:
+    """Rewrite one 16-bit word (an attribute length or type, most likely) on a warm cache."""
+    buf = bytearray(ALL_CT[name])
+    assume(pos + 2 <= len(buf))
+    struct.pack_into("=H", buf, pos & ~1, word)
+    with no_hang(5, "transcode"):
+        check_same(TR_WARM, bytes(buf))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    with no_hang(5, "transcode"):
+        try:
+            b = TR_WARM.transcode(data, len(data))
+        except ct.NetlinkError:
+            return
+    assert len(b.records) == len(b.keys)
+
+
+# --- _entry_record is wire.encode_entry ------------------------------------------------------
+def _addr(v6: bool) -> st.SearchStrategy[bytes]:
+    n = 16 if v6 else 4
+    return st.sampled_from([bytes(n), b"\x0a" + bytes(n - 2) + b"\x01", b"\x0a" + bytes(n - 2) + b"\x02",
+                            b"\xc0" * n]) | st.binary(min_size=n, max_size=n)
+
+
+@st.composite
+def entries(draw: st.DrawFn, zones: bool = True) -> wire.Entry:
+    v6 = draw(st.booleans())
+    proto = draw(st.sampled_from([6, 17, 132, 1, 58] if True else []))
+    if proto == 1 and v6:
+        proto = 58
+    if proto == 58 and not v6:
+        proto = 1
+    src, dst = draw(_addr(v6)), draw(_addr(v6))
+    sp = draw(st.integers(0, 0xFFFF))
+    if proto in (1, 58):
+        dp = draw(st.sampled_from([8, 0, 13, 15, 17, 3, 128, 129, 130, 255])) << 8 | draw(st.integers(0, 3))
+    else:
+        dp = draw(st.integers(0, 0xFFFF))
+    rs, rd, rsp, rdp = wire.reply_of(proto, src, dst, sp, dp)
+    nat = draw(st.sampled_from(["none", "snat", "snat_port", "dnat", "dnat_port", "both", "any"]))
+    if nat in ("snat", "snat_port", "both"):
+        rd = draw(_addr(v6))
+    if nat in ("snat_port", "both"):
+        rdp = draw(st.integers(0, 0xFFFF))
+    if nat in ("dnat", "dnat_port", "both"):
+        rs = draw(_addr(v6))
+    if nat in ("dnat_port", "both"):
+        rsp = draw(st.integers(0, 0xFFFF))
+    if nat == "any":
+        rs, rd = draw(_addr(v6)), draw(_addr(v6))
+        rsp, rdp = draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFF))
+    zone = rzone = 0
+    if zones:
+        zone, rzone = draw(st.sampled_from([(0, 0), (5, 5), (5, 0), (0, 7), (3, 9)]))
+    return wire.Entry(
+        draw(st.booleans()), 6 if v6 else 4, proto, src, dst, sp, dp, zone, rs, rd, rsp, rdp, rzone,
+        draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFFFFFF)), draw(st.integers(0, 0xFFFFFFFF)),
+        draw(st.integers(0, 10)) if proto == 6 else 0,
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(entries())
+def test_entry_record_is_encode_entry(e: wire.Entry) -> None:
+    head = T._T_NEW if e.new else T._T_UPSERT
+    got = T._entry_record(head, e.family == 6, e.proto, e.src, e.dst, e.sport, e.dport, e.zone, e.rsrc,
+                          e.rdst, e.rsport, e.rdport, e.rzone, e.status, e.timeout, e.mark, e.tcp_state)
+    try:
+        want = wire.encode_entry(e)
+    except wire.EncodeError:
+        assert got is None
+        assert e.zone != e.rzone and not e.is_nat
+        return
+    assert got == want
+
+
+# --- backup side: builders are build_create / build_delete ----------------------------------
+@settings(max_examples=800, deadline=None)
+@given(entries(), st.integers(0, 0xFFFFFFFF), st.booleans(), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 1 << 31), st.booleans(), st.booleans(), st.booleans())
+def test_build_entry_is_build_create(e: wire.Entry, seq: int, create: bool, mark: int, timeout: int,
+                                     with_status: bool, be_liberal: bool, ack: bool) -> None:
+    want = ct.build_create(wire.flow_from_entry(e)._replace(mark=mark, timeout=timeout), seq,
+                           be_liberal=be_liberal, create=create, with_status=with_status, ack=ack)
+    got = T.build_entry(e, seq, create=create, mark=mark, timeout=timeout, with_status=with_status,
+                        be_liberal=be_liberal, ack=ack)
+    assert got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries(), st.integers(0, 0xFFFFFFFF), st.booleans())
+def test_build_entry_delete_is_build_delete(e: wire.Entry, seq: int, ack: bool) -> None:
+    d = wire.Delete(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+    assert T.build_entry_delete(d, seq, ack=ack) == ct.build_delete(F.FlowKey(*d), seq, ack=ack)
+
+
+def test_build_entry_defaults_and_with_ack() -> None:
+    e = wire.Entry(True, 4, 6, V4("10.0.0.1"), V4("10.0.0.2"), 40000, 80, 0, V4("10.0.0.2"),
+                   V4("10.9.9.9"), 80, 40001, 0, F.IPS_SEEN_REPLY | F.IPS_ASSURED, 10, MARK, 3)
+    msg = T.build_entry(e, 7, create=True, mark=MARK | 0x100, timeout=0)
+    flow = wire.flow_from_entry(e)._replace(mark=MARK | 0x100, timeout=0)
+    assert msg == ct.build_create(flow, 7, ack=False)
+    assert T.with_ack(msg) == ct.build_create(flow, 7, ack=True)
+    assert ct.parse_messages(msg)[0].flow.orig == flow.orig  # the request decodes as an entry
+    with pytest.raises(ValueError):
+        T.build_entry(e._replace(family=5), 1, create=True, mark=0, timeout=1)
+
+
+# --- kernel-side filter on captured messages -------------------------------------------------
+def _set_pid(msg: bytes, pid: int) -> bytes:
+    return msg[:12] + struct.pack("=I", pid) + msg[16:]
+
+
+OWN = struct.unpack_from("=I", EV["nl_tcp_new"], 12)[0]  # the capture's injector port id
+
+
+def _passes(msg: bytes) -> bool:
+    """What the filter must decide: the transcoder's own mark rule, plus the port id."""
+    _mlen, mtype, _flags, _seq, pid = struct.unpack_from("=IHHII", msg)
+    if mtype not in (ct.CT_NEW, ct.CT_DELETE) or pid == OWN:
+        return False
+    a = 20
+    while a + 4 <= len(msg):
+        alen, atype = struct.unpack_from("=HH", msg, a)
+        if alen < 4:
+            return False
+        if atype & 0x3FFF == ct.CTA_MARK:
+            mark = struct.unpack_from(">I", msg, a + 4)[0]
+            return bool(mark & MARK) and not mark & REPLICA
+        a += (alen + 3) & ~3
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(EV))
+def test_event_filter_on_captures(name: str) -> None:
+    prog = T.event_filter(MARK_BIT, REPLICA, OWN)
+    msg = EV[name]
+    for m in (msg, _set_pid(msg, 0), _set_pid(msg, OWN), _set_pid(msg, OWN ^ 1)):
+        assert (cbpf_vm.run(prog, m) != 0) == _passes(m), name
+
+
+def test_event_filter_cases() -> None:
+    prog = T.event_filter(MARK_BIT, REPLICA, OWN)
+    ours = EV["nl_tcp_new"]  # marked, from OWN
+    assert cbpf_vm.run(prog, ours) == 0
+    assert cbpf_vm.run(prog, _set_pid(ours, 0)) == cbpf.ACCEPT
+    assert cbpf_vm.run(prog, _set_pid(EV["nl_tcp_update"], 0)) == 0  # MARK | 1: replica
+    assert cbpf_vm.run(T.event_filter(MARK_BIT, 0, OWN), _set_pid(EV["nl_tcp_update"], 0)) == cbpf.ACCEPT
+    assert cbpf_vm.run(prog, _set_pid(EV["nl_unmarked_new"], 0)) == 0  # mark 0
+    assert cbpf_vm.run(prog, _set_pid(EV["nl_unmarked_destroy"], 0)) == 0  # no CTA_MARK
+    assert cbpf_vm.run(prog, EV["pkt_udp_new"]) == cbpf.ACCEPT  # packets: pid 0
+    assert cbpf_vm.run(T.event_filter(29, 0, OWN), EV["pkt_udp_new"]) == 0
+    # port id check off: our own events pass
+    assert cbpf_vm.run(T.event_filter(MARK_BIT, REPLICA, 0), ours) == cbpf.ACCEPT
+    # not a conntrack message
+    assert cbpf_vm.run(prog, CLI_EV["ack_ok"]) == 0
+    assert cbpf_vm.run(prog, b"") == 0
+    with pytest.raises(ValueError):
+        T.event_filter(30, MARK, 1)
+    with pytest.raises(ValueError):
+        T.event_filter(32, 0, 1)
+    with pytest.raises(ValueError):
+        T.EventTranscoder(30, MARK)
+    assert len(prog) <= 20
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(EV)), st.integers(0, 0xFFFFFFFF), st.sampled_from([0, OWN, 1]))
+def test_event_filter_mark_values(name: str, mark: int, pid: int) -> None:
+    msg = bytearray(_set_pid(EV[name], pid))
+    a = 20
+    while a + 4 <= len(msg):
+        alen, atype = struct.unpack_from("=HH", msg, a)
+        if atype & 0x3FFF == ct.CTA_MARK:
+            struct.pack_into(">I", msg, a + 4, mark)
+        a += (alen + 3) & ~3
+    m = bytes(msg)
+    assert (cbpf_vm.run(T.event_filter(MARK_BIT, REPLICA, OWN), m) != 0) == _passes(m)
