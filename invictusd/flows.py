@@ -94,14 +94,19 @@ class FlowEvent(NamedTuple):
     flow: Flow
 
 
-_ICMP_REPLY_TYPE = {8: 0, 13: 14, 15: 16, 17: 18}  # echo, timestamp, info, address mask
-_ICMPV6_REPLY_TYPE = {128: 129, 130: 131}  # echo, multicast listener query
+# The kernel's inversion of ICMP types (nf_conntrack_proto_icmp{,v6}.c invmap), both ways:
+# echo, timestamp, information and address mask request/reply; ICMPv6 echo and node
+# information query/reply. Other types stay as they are.
+ICMP_INVERSE: dict[int, dict[int, int]] = {
+    IPPROTO_ICMP: {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17},
+    IPPROTO_ICMPV6: {128: 129, 129: 128, 139: 140, 140: 139},
+}
 
 
 def inverse(key: FlowKey) -> FlowKey:
     """The reply tuple the kernel expects for ``key`` when there is no NAT."""
     if key.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        table = _ICMP_REPLY_TYPE if key.proto == IPPROTO_ICMP else _ICMPV6_REPLY_TYPE
+        table = ICMP_INVERSE[key.proto]
         icmp_type, code = key.dport >> 8, key.dport & 0xFF
         return FlowKey(
             key.family,

@@ -82,7 +82,7 @@ _HEAD2: Final = struct.Struct(">BB")
 _KEY = {False: struct.Struct(">BBHHH4s4s"), True: struct.Struct(">BBHHH16s16s")}
 
 _ICMPS: Final = (F.IPPROTO_ICMP, F.IPPROTO_ICMPV6)
-_ICMP_REPLY = {F.IPPROTO_ICMP: {8: 0, 13: 14, 15: 16, 17: 18}, F.IPPROTO_ICMPV6: {128: 129, 130: 131}}
+_ICMP_REPLY = F.ICMP_INVERSE
 
 
 class Batch(NamedTuple):
@@ -91,8 +91,7 @@ class Batch(NamedTuple):
     ``records``: encoded wire records in message order; ``keys``: parallel to ``records``,
     ``wire.key_bytes`` of each entry's original tuple and zone; ``deleted``: how many of the
     records are DELETE; ``done``: NLMSG_DONE was seen (a dump ended; the walk stops there);
-    ``skipped``: conntrack messages filtered out by their mark; ``unencodable``: replicated
-    entries that wire v2 cannot express (a directional zone without NAT), left out.
+    ``skipped``: conntrack messages filtered out by their mark.
     """
 
     records: list[bytes]
@@ -100,16 +99,15 @@ class Batch(NamedTuple):
     deleted: int
     done: bool
     skipped: int
-    unencodable: int = 0
 
 
 def _entry_record(
     head: int, v6: bool, proto: int, src: bytes, dst: bytes, sp: int, dp: int, zone: int,
     rs: bytes, rd: bytes, rsp: int, rdp: int, rzone: int, st: int, to: int, mk: int, tcp: int,
-) -> bytes | None:
+) -> bytes:
     """``wire.encode_entry`` of these fields (``head``: record type << 4), from flat values.
 
-    None when wire v2 cannot express the entry: a reply zone of its own without NAT.
+    A reply zone of its own (directional zones) takes the NAT form, with the reply tuple.
     """
     if proto == 1 or proto == 58:
         t = dp >> 8
@@ -128,8 +126,7 @@ def _entry_record(
         if tcp:
             return _REC[v6, False, True].pack(flags | _RF_PI, proto, src, dst, sp, dp, st, to, mk, tcp)
         return _REC[v6, False, False].pack(flags, proto, src, dst, sp, dp, st, to, mk)
-    if not nat and rzone != zone:
-        return None
+    nat = nat or rzone != zone
     tup = _TUP[v6]
     flags |= _RF_ZONE | (_RF_NAT if nat else 0) | (_RF_PI if tcp else 0)
     parts = [_HEAD2.pack(flags, proto), tup.pack(src, dst, sp, dp), _ZONE_REC.pack(zone)]
@@ -482,7 +479,7 @@ class EventTranscoder:
         keys: list[bytes] = []
         rec = records.append
         key = keys.append
-        deleted = skipped = unencodable = 0
+        deleted = skipped = 0
         done = False
         bit = self._bit
         rmask = self._rmask
@@ -558,13 +555,8 @@ class EventTranscoder:
                                 rec(_DEL[v6].pack(hb, proto, src, dst, sp, dp))
                             deleted += 1
                         else:
-                            r = _entry_record((ub if dump else hb) & 0xF0, v6, proto, src, dst, sp, dp,
-                                              ozone, rs, rd, rsp, rdp, rzone, st, to, mk, tcp)
-                            if r is None:
-                                unencodable += 1
-                                off += (mlen + 3) & ~3
-                                continue
-                            rec(r)
+                            rec(_entry_record((ub if dump else hb) & 0xF0, v6, proto, src, dst, sp, dp,
+                                              ozone, rs, rd, rsp, rdp, rzone, st, to, mk, tcp))
                         key(kp(fam, proto, ozone, sp, dp, src, dst))
                 else:  # OP_SKIP
                     skipped += 1
@@ -581,10 +573,8 @@ class EventTranscoder:
                     key(k)
                     if mtype == ct.CT_DELETE:
                         deleted += 1
-                elif outcome == _SKIPPED:
-                    skipped += 1
                 else:
-                    unencodable += 1
+                    skipped += 1
                 if lay is None:
                     self._learn(data, off, mlen, mtype, mflags, head)
             elif mtype == ct.NLMSG_DONE:
@@ -598,7 +588,7 @@ class EventTranscoder:
                     raise KernelError(-err, off, seq)
             off += (mlen + 3) & ~3
         self.fast += fast
-        return Batch(records, keys, deleted, done, skipped, unencodable)
+        return Batch(records, keys, deleted, done, skipped)
 
     def _generic(self, data: bytes, off: int, mlen: int, mtype: int, mflags: int,
                  dump: bool) -> tuple[int, bytes, bytes]:
@@ -622,8 +612,6 @@ class EventTranscoder:
             raise NetlinkError("CTA_TUPLE_REPLY", off, "address family differs from the original")
         new = not dump and ev.kind == F.EventKind.NEW
         entry = wire.entry_from_flow(flow._replace(mark=flow.mark & ~self._rmask), new)
-        if entry.zone != entry.rzone and not entry.is_nat:
-            return _UNENCODABLE, b"", k
         return _RECORD, wire.encode_entry(entry), k
 
     def _learn(self, data: bytes, off: int, mlen: int, mtype: int, mflags: int, head: int) -> None:
@@ -644,7 +632,6 @@ class EventTranscoder:
 
 _RECORD: Final = 0
 _SKIPPED: Final = 1
-_UNENCODABLE: Final = 2
 
 
 # --- backup side: wire records -> ctnetlink requests ------------------------------------------

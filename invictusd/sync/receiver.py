@@ -190,10 +190,15 @@ class Receiver:
             self.divergence(RequestReason.APPLY_FAILED, now)
 
     def set_requests(self, enabled: bool) -> None:
-        """Only a backup asks for resyncs (a master owns its table; its peer sends nothing)."""
+        """Only a backup asks for resyncs (a master owns its table; its peer sends nothing).
+        A node becoming master also forgets the peer's unfinished stream: what is missing
+        of it will never come, and a new one starts with a SYNC_POINT."""
         self._requests = enabled
         if not enabled:
             self._request_sent_at = self._request_due = None
+            self._buffer.clear()
+            self._gap_since = self._nack_due = None
+            self.phase = Phase.WAITING
 
     def divergence(self, reason: RequestReason, now: float) -> None:
         """Something the stream cannot repair: ask for a resync (backing off)."""

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from invictusd.flows import IPPROTO_ICMP, IPPROTO_ICMPV6, Flow, FlowKey
+from invictusd.flows import ICMP_INVERSE, IPPROTO_ICMP, IPPROTO_ICMPV6, Flow, FlowKey
 
 MAGIC = b"IV"
 VERSION = 2
@@ -66,7 +66,7 @@ HEADER_FLAGS = FLAG_SYNC_POINT
 
 # Record flags (low nibble of the first record byte).
 RF_V6 = 0x1  # addresses are 16 bytes (else 4)
-RF_NAT = 0x2  # reply tuple present (else it is inverse(orig))
+RF_NAT = 0x2  # reply tuple present (NAT or a reply zone of its own; else it is inverse(orig))
 RF_ZONE = 0x4  # zone u16 after each tuple present
 RF_PROTOINFO = 0x8  # tcp_state u8 present at the end (else TCP_NONE)
 
@@ -170,6 +170,12 @@ class Entry(NamedTuple):
     def is_nat(self) -> bool:
         return (self.rsrc, self.rdst, self.rsport, self.rdport) != _inverse_ports(self)
 
+    @property
+    def needs_reply(self) -> bool:
+        """The record carries the reply tuple: NAT, or a reply zone of its own (directional
+        zones, e.g. nft ``ct original zone set``)."""
+        return self.is_nat or self.rzone != self.zone
+
 
 class Delete(NamedTuple):
     family: int
@@ -224,14 +230,10 @@ class Datagram:
 
 # ---- tuples and the key hash ------------------------------------------------------------
 
-_ICMP_REPLY_TYPE = {8: 0, 13: 14, 15: 16, 17: 18}
-_ICMPV6_REPLY_TYPE = {128: 129, 130: 131}
-
-
 def reply_of(proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> tuple[bytes, bytes, int, int]:
     """(src, dst, sport, dport) of the reply tuple the kernel expects without NAT."""
     if proto in _ICMPS:
-        table = _ICMP_REPLY_TYPE if proto == IPPROTO_ICMP else _ICMPV6_REPLY_TYPE
+        table = ICMP_INVERSE[proto]
         t, code = dport >> 8, dport & 0xFF
         return dst, src, sport, (table.get(t, t) << 8) | code
     return dst, src, dport, sport
@@ -278,7 +280,7 @@ def encode_entry(e: Entry) -> bytes:
     try:
         if len(src) != alen or len(dst) != alen or len(e.rsrc) != alen or len(e.rdst) != alen:
             raise EncodeError("addresses", f"must be {alen} bytes for family {family}")
-        nat = e.is_nat
+        nat = e.needs_reply
         if not nat and not zone and not e.rzone:
             if tcp:
                 return plain_p.pack(head | flags | RF_PROTOINFO, proto, src, dst, sport, dport,
@@ -293,8 +295,6 @@ def encode_entry(e: Entry) -> bytes:
             parts.append(tup.pack(e.rsrc, e.rdst, e.rsport, e.rdport))
             if has_zone:
                 parts.append(_U16.pack(e.rzone))
-        elif has_zone and e.rzone != zone:
-            raise EncodeError("rzone", "a reply zone of its own needs the reply tuple (NAT form)")
         parts.append(_TAIL.pack(e.status, e.timeout, e.mark))
         if tcp:
             parts.append(bytes((tcp,)))
@@ -643,8 +643,8 @@ def _decode_entry(data: bytes, off: int, end: int, is_new: bool, fl: int, out: l
         if zlen:
             rzone = _U16.unpack_from(data, off)[0]
             off += 2
-        if (rs, rd, rsp, rdp) == inv:
-            raise WireError("reply", start, "NAT flag set but the reply is the inverse")
+        if (rs, rd, rsp, rdp) == inv and rzone == zone:
+            raise WireError("reply", start, "NAT flag set but the reply is the inverse in the same zone")
     if zlen and not (zone or rzone):
         raise WireError("zone", start, "zone flag set but all zones are 0")
     if zlen and not fl & RF_NAT and rzone != zone:

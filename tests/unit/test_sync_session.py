@@ -558,7 +558,8 @@ def test_a_resync_request_to_a_backup_is_ignored() -> None:
     n = make_pair(seed=17)
     drive(n, 5)
     n.settle()
-    n.a.session.receiver.divergence(RequestReason.OTHER, n.now)  # a (master) asks b
+    n.a.session.receiver.set_requests(True)  # a request racing a's becoming master
+    n.a.session.receiver.divergence(RequestReason.OTHER, n.now)
     n.run(0.5)
     assert n.b.session.counters.resync_requests_ignored >= 1
     assert any(e.kind is SessionEventKind.REQUEST_IGNORED for e in n.b.session.pop_events())
