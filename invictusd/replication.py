@@ -185,9 +185,10 @@ class Replication:
         self.sock = SyncSocket(self.sync.interface, local, peer, self.sync.port)
         loop.add_reader(self.sock.fileno(), self._on_datagrams)
         self.injector = Injector(default_timeout=60)
-        self.events = EventSocket(rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit)
-        self.events.subscribe(False)  # only the master reads its events
-        self.events.attach(event_filter(self.sync.mark_bit, self.marks.ours, self.injector.port_id))
+        # Only the master reads its events (it subscribes when it becomes master).
+        self.events = EventSocket(
+            rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit, subscribe=False,
+            program=event_filter(self.sync.mark_bit, self.marks.ours, self.injector.port_id))
         capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
         self.applier = Applier(self.session, self.injector, self.marks, self._all,
                                replica_timeout=self.sync.replica_timeout, capacity=capacity,

@@ -86,6 +86,9 @@ def _netlink_socket(rcvbuf: int, sndbuf: int, nonblocking: bool) -> socket.socke
 class EventSocket:
     """Conntrack NEW/UPDATE/DESTROY events, optionally only flows carrying ``mark_bit``.
 
+    ``program``: a kernel-side filter (``invictusd.io.transcode.event_filter``): what it
+    refuses never wakes us and never takes room in the queue.
+
     Register ``fileno()`` with a reactor and call ``read()`` when readable. ``Overrun`` means
     events were lost (count in ``overruns``): resync with ``dump()``. Each queued event costs
     about 1.3 KB of receive buffer; size ``rcvbuf_bytes`` for the burst to absorb.
@@ -97,6 +100,8 @@ class EventSocket:
         mark_bit: int | None = 30,
         *,
         buffer_bytes: int = 1 << 20,
+        program: Sequence[cbpf.Insn] | None = None,
+        subscribe: bool = True,
     ) -> None:
         self.mark_mask = 0 if mark_bit is None else 1 << mark_bit
         self.overruns = 0
@@ -106,23 +111,17 @@ class EventSocket:
         self._sock = _netlink_socket(rcvbuf_bytes, 1 << 16, nonblocking=True)
         self.rcvbuf = buffers(self._sock).rcvbuf  # what the kernel granted (doubled)
         try:
-            for group in (
-                NFNLGRP_CONNTRACK_NEW,
-                NFNLGRP_CONNTRACK_UPDATE,
-                NFNLGRP_CONNTRACK_DESTROY,
-            ):
-                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            # The filter before the groups: nothing unfiltered is ever queued.
+            if program is not None:
+                attach_filter(self._sock, program)
+            if subscribe:
+                self.subscribe(True)
         except BaseException:
             self._sock.close()
             raise
 
     def fileno(self) -> int:
         return self._sock.fileno()
-
-    def attach(self, program: Sequence[cbpf.Insn]) -> None:
-        """A kernel-side filter (``invictusd.io.transcode.event_filter``): what it refuses
-        never wakes us and never takes room in the queue."""
-        attach_filter(self._sock, program)
 
     def read_raw(self, max_datagrams: int) -> tuple[memoryview, int, bool]:
         """Up to ``max_datagrams`` datagrams, unparsed, 4-aligned one after the other in an

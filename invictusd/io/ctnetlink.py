@@ -21,7 +21,6 @@ the same bytes, and a whole tuple packs in a single call.
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Final
 
@@ -123,8 +122,8 @@ CTA_PROTONAT_PORT_MAX: Final = 2
 IP_CT_TCP_FLAG_BE_LIBERAL: Final = 0x08
 
 AF_UNSPEC: Final = 0
-AF_INET: Final = int(socket.AF_INET)
-AF_INET6: Final = int(socket.AF_INET6)
+AF_INET: Final = 2  # linux/socket.h (this codec imports no socket module)
+AF_INET6: Final = 10
 
 DEFAULT_TIMEOUT: Final = 60  # seconds, used when a flow carries no timeout (as conntrackd)
 

@@ -104,15 +104,16 @@ class Generations:
     done: int = 0
     current: int = 1
     active: bool = True  # a resync begun and not ended (or unknown state at start)
+    begun: bool = False  # a BEGIN has been seen (an END closes only a resync it saw begin)
 
     def begin(self) -> list[Remark]:
         steps = [Remark(self.current, self.done)] if self.active else []
         self.current = 1 - self.done
-        self.active = True
+        self.active = self.begun = True
         return steps
 
     def end(self) -> Sweep | None:
-        if not self.active:
+        if not self.active or not self.begun:
             return None
         sweep = Sweep(self.done)
         self.done = self.current

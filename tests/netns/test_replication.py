@@ -8,6 +8,7 @@ proves these tests can fail.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from typing import Any
@@ -344,3 +345,72 @@ def test_ipv6_tcp_stream_and_its_gateway_address_survive_a_node_crash() -> None:
             r = s.stop()
             assert r.error is None and r.seq_ok, (s.label, r.error, r.error_detail)
             assert r.acked >= r.sent - 2
+
+
+# ---- the two hazards of a replica in the backup's kernel (issue 9) ------------------------
+
+
+def test_replica_entries_expiring_on_the_backup_are_never_announced() -> None:
+    """Ownership: a replica that expires on the backup raises a DESTROY there (port id 0). A
+    backup announcing it would make the master delete its live connection. Only the master
+    sends its table; the backup's own injections and expiries never leave it."""
+    with lab_pair() as pair:
+        lab = pair.lab
+        _start_synced(pair)
+        _churn(pair, "fw1", "--create", "200", "--seed", "91")
+        n = _assert_converged(pair, "fw1", "fw2", 15)
+        live = kernel_owned(lab, "fw1")
+        sent0 = pair.status("fw2")["sync"]["counters"]["data_datagrams_sent"]
+        # Every replica on the backup times out in a second (as if the master's DESTROY
+        # never came and the long replica timeout ran out).
+        _set_timeouts(lab, "fw2", REPLICA, 1)
+        wait_for(lambda: not kernel_replica(lab, "fw2"), 10, step=0.5, what="the replicas to expire")
+        time.sleep(2)
+        assert kernel_owned(lab, "fw1") == live, "the backup's expiries reached the master"
+        assert len(live) == n
+        assert pair.status("fw2")["sync"]["counters"]["data_datagrams_sent"] == sent0 == 0
+
+
+def _set_timeouts(lab: Lab, node: str, mark: int, timeout: int) -> None:
+    """Give every entry with ``mark`` in ``node``'s kernel ``timeout`` (conntrack -U cannot)."""
+    code = ("from invictusd.io import conntrack as C\n"
+            "from invictusd.io import ctnetlink as ct\n"
+            f"flows = [f for f in C.dump(None) if f.mark & {mark}]\n"
+            "with C.Injector() as inj:\n"
+            "    base = inj.next_seqs(len(flows))\n"
+            f"    msgs = [ct.build_create(f._replace(timeout={timeout}), base + i, create=False,\n"
+            "                            with_status=False, ack=False) for i, f in enumerate(flows)]\n"
+            "    assert not inj.run(msgs, base)\n")
+    p = lab.python(node, "-c", code, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+
+
+def test_a_replica_outlives_the_masters_timeout_while_traffic_refreshes_it(measure: Any) -> None:
+    """Liveness: traffic refreshes the master's entry without any event. A replica injected
+    with the master's timeout would expire on the backup while the flow lives; it gets a long
+    one instead, and the flow survives a takeover long after the master's timeout."""
+    cfg = LabConfig(ipv6=False, fw_sysctls={"net.netfilter.nf_conntrack_udp_timeout_stream": "6",
+                                            "net.netfilter.nf_conntrack_udp_timeout": "4"})
+    with lab_pair(cfg) as pair:
+        lab = pair.lab
+        c = lab.config
+        _start_synced(pair)
+        s = lab.start_stream("udp", c.plain_port, label="udp-long", interval=0.05, dead_after=8)
+        wait_for(lambda: len(kernel_replica(lab, "fw2")) == 1, 5, what="the flow replicated")
+        time.sleep(12)  # twice the master's timeout, refreshed by packets only
+        (mine,) = [e for e in lab.ct_list("fw1") if e.orig[3] == c.plain_port]
+        (held,) = [e for e in lab.ct_list("fw2") if e.orig[3] == c.plain_port]
+        assert mine.timeout <= 6 and held.timeout > 3600, (mine.timeout, held.timeout)
+        t0 = time.monotonic()
+        _crash(pair, "node_crash")
+        wait_for(lambda: pair.state("fw2") == "master", MD_100 + 1, what="fw2 master")
+        time.sleep(2)
+        r = s.stop()
+        resumed = [a for a in r.acks if a[2] > t0]
+        measure("UDP flow 12 s old (master's timeout 6 s) across a node crash: echoes after it",
+                str(len(resumed)))
+        assert r.error is None and len(resumed) > 10, (r.error, len(resumed))
+        # After the takeover the inherited entry has the kernel's timeout again, not days.
+        (taken,) = [e for e in lab.ct_list("fw2") if e.orig[3] == c.plain_port]
+        assert taken.timeout <= 6 and not taken.mark & REPLICA

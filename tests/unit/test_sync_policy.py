@@ -1,0 +1,123 @@
+"""The replication engine's decisions that need no I/O: generations, the preemption hold,
+dump retries, hand-over timeouts, mark bits. Scripted clocks only."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from invictusd import flows as F
+from invictusd.sync.policy import (
+    DEFAULT_TIMEOUTS,
+    Backoff,
+    Generations,
+    PreemptionHold,
+    Remark,
+    ReplicaMarks,
+    Sweep,
+    handover_timeout,
+)
+
+
+def test_marks() -> None:
+    m = ReplicaMarks(30, 29, 28)
+    assert (m.marked, m.replica, m.generation) == (1 << 30, 1 << 29, 1 << 28)
+    user = 0x0000_00FF
+    assert m.replica_mark(user | m.marked, 0) == user | m.marked | m.replica
+    assert m.replica_mark(user | m.marked | m.generation, 1) == user | m.marked | m.replica | m.generation
+    assert m.replica_mark(user | m.marked | m.generation, 0) == user | m.marked | m.replica
+    assert m.own_mark(user | m.ours) == user | m.marked  # what travels and what the new owner keeps
+    assert m.filter_replica(1) == (m.marked | m.replica | m.generation, m.marked | m.replica | m.generation)
+    assert m.filter_replica() == (m.marked | m.replica, m.marked | m.replica)
+    assert m.filter_own() == (m.marked, m.marked | m.replica)
+
+
+def test_generations_sweep_exactly_what_the_completed_resync_did_not_refresh() -> None:
+    g = Generations()
+    assert g.begin() == [Remark(1, 0)]  # at start: what a previous run left is unknown
+    assert g.parity == 1
+    assert g.end() == Sweep(0) and (g.done, g.active) == (1, False)
+    assert g.parity == 1  # between resyncs, events refresh with the completed parity
+    assert g.begin() == [] and g.parity == 0
+    assert g.end() == Sweep(1)
+    assert g.end() is None  # an END without its BEGIN sweeps nothing
+
+
+@given(st.lists(st.sampled_from(["begin", "end", "inject"]), max_size=40), st.integers(0, 1000))
+def test_generations_on_a_model_table(script: list[str], seed: int) -> None:
+    """Whatever the interleaving of BEGIN (possibly interrupting), END and injections, the
+    sweep at an END removes exactly the entries not refreshed since the BEGIN it closes."""
+    g = Generations()
+    table: dict[int, int] = {k: k % 2 for k in range(10)}  # key -> parity (unknown at start)
+    refreshed: set[int] | None = None
+    n = 10
+    for step in script:
+        if step == "begin":
+            for r in g.begin():
+                for k, p in table.items():
+                    if p == r.from_parity:
+                        table[k] = r.to_parity
+            refreshed = set()
+        elif step == "inject":
+            n += 1
+            for k in (n % 13, n):
+                table[k] = g.parity
+                if refreshed is not None:
+                    refreshed.add(k)
+        else:
+            sweep = g.end()
+            if sweep is None:
+                continue
+            assert refreshed is not None
+            swept = {k for k, p in table.items() if p == sweep.parity}
+            assert swept == set(table) - refreshed
+            for k in swept:
+                del table[k]
+            refreshed = None
+
+
+def test_preemption_hold_until_the_table_however_long_and_loudly() -> None:
+    h = PreemptionHold(warn_every=10.0)
+    d = h.update(0.0, link_up=True, synced=False)
+    assert d.demoted and "table" in d.reason and not d.warn
+    warns = [t for t in range(1, 100) if h.update(float(t), True, False).warn]
+    assert warns == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert h.held_for(99.0) == 99.0
+    assert h.update(100.0, True, True) == h.update(100.0, True, True)
+    assert not h.update(100.0, True, True).demoted and h.held_for(100.0) is None
+
+
+def test_preemption_hold_link_down_and_its_bound() -> None:
+    h = PreemptionHold(hold_max=30.0)
+    d = h.update(0.0, link_up=False, synced=True, interface="sync0")
+    assert d.demoted and d.reason == "sync link sync0 is down"
+    assert h.update(29.9, False, True).demoted
+    d = h.update(30.0, False, True)
+    assert not d.demoted and d.expired
+    assert not h.update(40.0, False, True).expired  # said once
+    assert not h.update(41.0, True, True).demoted
+    assert h.update(42.0, True, False).demoted  # a new hold starts over
+
+
+def test_backoff() -> None:
+    b = Backoff(first=1.0, limit=8.0)
+    assert [b.failed(0.0) for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    b.succeeded()
+    assert b.failed(100.0) == 101.0 and b.failures == 7
+
+
+@pytest.mark.parametrize(("proto", "state", "status", "name"), [
+    (F.IPPROTO_TCP, F.TCP_ESTABLISHED, F.IPS_ASSURED, "nf_conntrack_tcp_timeout_established"),
+    (F.IPPROTO_TCP, F.TCP_FIN_WAIT, 0, "nf_conntrack_tcp_timeout_fin_wait"),
+    (F.IPPROTO_TCP, F.TCP_SYN_SENT2, 0, "nf_conntrack_tcp_timeout_syn_sent"),
+    (F.IPPROTO_UDP, 0, F.IPS_ASSURED, "nf_conntrack_udp_timeout_stream"),
+    (F.IPPROTO_UDP, 0, 0, "nf_conntrack_udp_timeout"),
+    (F.IPPROTO_ICMP, 0, 0, "nf_conntrack_icmp_timeout"),
+    (F.IPPROTO_ICMPV6, 0, 0, "nf_conntrack_icmpv6_timeout"),
+    (F.IPPROTO_SCTP, 0, 0, "nf_conntrack_generic_timeout"),
+])
+def test_handover_timeout_is_what_the_kernel_gives_at_a_packet(proto: int, state: int, status: int,
+                                                                name: str) -> None:
+    assert handover_timeout(proto, state, status, {}) == DEFAULT_TIMEOUTS[name]
+    assert handover_timeout(proto, state, status, {name: 7}) == 7
