@@ -28,7 +28,7 @@ from invictusd.io.conntrack import Injector
 from invictusd.io.scan import Scan
 from invictusd.io.transcode import Batch, EventTranscoder, build_entry, build_entry_delete
 from invictusd.sync import wire
-from invictusd.sync.policy import Generations, Remark, ReplicaMarks, Sweep
+from invictusd.sync.policy import Generations, Refusal, Remark, ReplicaMarks, Scope, Sweep
 from invictusd.sync.receiver import Delivery
 from invictusd.sync.session import SyncSession
 from invictusd.sync.wire import Delete, Digest, Entry, RequestReason, ResyncBegin, ResyncEnd
@@ -45,6 +45,7 @@ class ApplyCounters:
     delete_missing: int = 0  # already gone (normal after a sweep or an expiry)
     failures: Counter[int] = field(default_factory=Counter)  # errno -> count
     over_capacity: int = 0
+    refused: Counter[Refusal] = field(default_factory=Counter)  # outside our scope
     resyncs_applied: int = 0
     swept: int = 0
     remarked: int = 0
@@ -59,6 +60,7 @@ class Applier:
         session: SyncSession,
         injector: Injector,
         marks: ReplicaMarks,
+        scope: Scope,
         transcoder: EventTranscoder,
         *,
         replica_timeout: int,
@@ -70,6 +72,7 @@ class Applier:
         self.session = session
         self.injector = injector
         self.marks = marks
+        self.scope = scope
         self.transcoder = transcoder  # reads replica entries (no replica filter)
         self.replica_timeout = replica_timeout
         self.capacity = capacity
@@ -146,8 +149,15 @@ class Applier:
         marks = self.marks
         parity = self.gens.parity
         replica_timeout = self.replica_timeout
+        bit = marks.marked
+        families, zones = self.scope.families, self.scope.zones
         for i in range(pos, len(records)):
             rec = records[i]
+            if isinstance(rec, Entry | Delete) and not (
+                    rec.family in families and rec.zone in zones
+                    and (isinstance(rec, Delete) or (rec.mark & bit and rec.rzone in zones))):
+                self._refuse(rec)
+                continue
             if isinstance(rec, Entry):
                 if master:
                     mark, timeout = marks.own_mark(rec.mark), rec.timeout
@@ -177,6 +187,19 @@ class Applier:
                 parity = self.gens.parity
         self._inject(msgs, recs, base)
         return len(records)
+
+    def _refuse(self, rec: Entry | Delete) -> None:
+        """An entry outside what we replicate: never into our kernel. Logged at the first
+        of each kind and every 10 000th after it (a peer configured otherwise sends many)."""
+        why = self.scope.refusal(rec)
+        assert why is not None
+        refused = self.counters.refused
+        refused[why] += 1
+        if refused[why] % 10_000 == 1:
+            self.log.warning("peer sent an entry outside what we replicate; refused",
+                             reason=why.value, refused=refused[why], family=rec.family,
+                             proto=rec.proto, zone=rec.zone,
+                             hint="compare [sync] mark_bit, zones and families on both nodes")
 
     def _inject(self, msgs: list[bytes], recs: list[Entry | Delete], base: int) -> None:
         if not msgs:

@@ -46,7 +46,9 @@ from invictusd.sync.policy import (
     TCP_TIMEOUT_SYSCTLS,
     Backoff,
     PreemptionHold,
+    Refusal,
     ReplicaMarks,
+    Scope,
     handover_timeout,
 )
 from invictusd.sync.receiver import ReceiverConfig
@@ -109,6 +111,7 @@ class Replication:
         self.sync = cfg.sync
         self.log = log.get(node=cfg.node.name, component="sync")
         self.marks = ReplicaMarks(self.sync.mark_bit, self.sync.replica_bit, self.sync.generation_bit)
+        self.scope = Scope(self.sync.mark_bit, self.sync.zones, self.sync.families)
         self.env: ReplicaEnv | None = None
         self.session: SyncSession | None = None
         self.sock: SyncSocket | None = None
@@ -137,6 +140,7 @@ class Replication:
         self._fail_next_dump = False  # test hook
         self._hold = PreemptionHold(self.sync.preempt_hold_max)
         self._events_seen = 0
+        self._out_of_scope = 0  # our marked entries of zones/families not replicated
         self._overruns = 0
         self._dump_failures = 0
         self._handovers = 0
@@ -190,7 +194,7 @@ class Replication:
             rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit, subscribe=False,
             program=event_filter(self.sync.mark_bit, self.marks.ours, self.injector.port_id))
         capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
-        self.applier = Applier(self.session, self.injector, self.marks, self._all,
+        self.applier = Applier(self.session, self.injector, self.marks, self.scope, self._all,
                                replica_timeout=self.sync.replica_timeout, capacity=capacity,
                                master=lambda: self.master, progress=self._pump, log=self.log)
         self.applier.count()  # replicas a previous run left in the kernel
@@ -289,7 +293,9 @@ class Replication:
                 self._local_estimate += sum(1 for r in batch.records if r[0] >> 4 == 1) - batch.deleted
                 if self._touched is not None:
                     self._note_touched(batch)
-                self.session.records(batch.records, batch.keys)
+                recs, keys, out = self.scope.select(batch.records, batch.keys)
+                self._out_of_scope += out
+                self.session.records(recs, keys)
         if overrun:
             self._overruns += 1
             self.log.warning("conntrack event overrun: events were lost; resyncing by dump",
@@ -417,9 +423,10 @@ class Replication:
     def _bulk_batch(self, batch: Batch) -> None:
         assert self.session is not None
         touched = self._touched
-        recs = batch.records
+        recs, keys, out = self.scope.select(batch.records, batch.keys)
+        self._out_of_scope += out
         if touched:
-            recs = [r for r, k in zip(batch.records, batch.keys, strict=True) if k not in touched]
+            recs = [r for r, k in zip(recs, keys, strict=True) if k not in touched]
         # Replica bits never travel: records of inherited entries carry our mark.
         ours = self.marks.ours
         recs = [_strip(r, ours) for r in recs]
@@ -467,11 +474,12 @@ class Replication:
         if not self.master or self._digest or self._bulk or self._handover or not s.sender.idle:
             return
         seen = self._events_seen
+        scope = self.scope
         acc = [0, 0]
 
         def on_batch(batch: Batch) -> None:
             for e in wire.decode_records(b"".join(batch.records)):
-                if isinstance(e, Entry):
+                if isinstance(e, Entry) and scope.refusal(e) is None:
                     acc[0] += 1
                     acc[1] ^= wire.key_hash(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
 
@@ -580,8 +588,10 @@ class Replication:
                       "resyncs_applied": ac.resyncs_applied, "swept": ac.swept,
                       "remarked": ac.remarked, "digests_matched": ac.digests_matched,
                       "digests_mismatched": ac.digests_mismatched})
+            c.update({f"rejected_{why.value}": ac.refused[why] for why in Refusal})
             c["applied"] = ac.created + ac.updated + ac.deleted
-        c.update({"events": self._events_seen, "netlink_overruns": self._overruns,
+        c.update({"events": self._events_seen, "out_of_scope": self._out_of_scope,
+                  "netlink_overruns": self._overruns,
                   "kernel_dumps": self._dumps,
                   "dump_failures": self._dump_failures, "handovers": self._handovers,
                   "foreign_datagrams": self.sock.foreign if self.sock else 0,

@@ -67,9 +67,10 @@ def daemon_config(
         lines += [
             f'interface = "{c.sync_if}"',
             f'peer_address = "{c.sync_ips[1 - i]}"',
-            "mark_bit = 30",
         ]
         extra = sync_extra or {}
+        if "mark_bit" not in extra:
+            lines.append("mark_bit = 30")
         if not {"key_file", "key_credential"} & set(extra):
             lines.append(f'key_file = "{sync_key(lab)}"')
         lines += [f"{k} = {_toml_value(v)}" for k, v in extra.items()]

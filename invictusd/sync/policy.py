@@ -6,6 +6,7 @@
 * ``Backoff``: retrying a failed kernel dump.
 * ``handover_timeout``: the timeout an inherited entry gets when its node becomes master.
 * ``ReplicaMarks``: the conntrack mark bits that say who owns an entry.
+* ``Scope``: which entries are replicated at all (mark bit, zones, families), on both sides.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from invictusd import flows as F
+from invictusd.sync import wire
+from invictusd.sync.wire import Delete, Entry
 
 # ---- marks ------------------------------------------------------------------------------
 
@@ -70,6 +73,65 @@ class ReplicaMarks:
 
     def filter_marked(self) -> tuple[int, int]:
         return self.marked, self.marked
+
+
+# ---- what is replicated --------------------------------------------------------------------
+
+
+class Refusal(enum.Enum):
+    """Why an entry is outside the replicated scope (a counter name of each side)."""
+
+    MARK = "mark"  # its mark lacks the replication bit
+    ZONE = "zone"  # a conntrack zone (either direction's) not in ``[sync] zones``
+    FAMILY = "family"  # an address family not in ``[sync] families``
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The entries replicated: the mark bit set, every zone in ``zones``, the family in
+    ``families``. The master sends nothing outside it; the backup refuses what a peer sends
+    outside it (a misconfigured or hostile master must not fill our kernel with entries
+    of other zones or families, or with connections the administrator did not mark)."""
+
+    mark_bit: int
+    zones: frozenset[int]
+    families: frozenset[int]
+
+    def refusal(self, rec: Entry | Delete) -> Refusal | None:
+        if rec.family not in self.families:
+            return Refusal.FAMILY
+        if rec.zone not in self.zones or (type(rec) is Entry and rec.rzone not in self.zones):
+            return Refusal.ZONE
+        if type(rec) is Entry and not rec.mark >> self.mark_bit & 1:
+            return Refusal.MARK
+        return None
+
+    def select(self, records: list[bytes], keys: list[bytes]) -> tuple[list[bytes], list[bytes], int]:
+        """Encoded entry/delete records (and their keys) inside the scope, and how many were
+        not. The flag nibble decides without decoding unless a record carries zones; the
+        mark bit needs no check here (the transcoder only passes marked entries)."""
+        verdict = self._verdicts()
+        if all(verdict[r[0] & 0xF] is True for r in records):
+            return records, keys, 0
+        out_r: list[bytes] = []
+        out_k: list[bytes] = []
+        for r, k in zip(records, keys, strict=True):
+            v = verdict[r[0] & 0xF]
+            if v is None:
+                (rec,) = wire.decode_records(r)
+                v = isinstance(rec, Entry | Delete) and self.refusal(rec) is None
+            if v:
+                out_r.append(r)
+                out_k.append(k)
+        return out_r, out_k, len(records) - len(out_r)
+
+    def _verdicts(self) -> tuple[bool | None, ...]:
+        """Per flag nibble: in scope (True), out (False), or decode to tell (None: zones)."""
+        return tuple(
+            False if (6 if fl & wire.RF_V6 else 4) not in self.families
+            else None if fl & wire.RF_ZONE
+            else 0 in self.zones
+            for fl in range(16))
 
 
 # ---- resync generations on the receiver -------------------------------------------------

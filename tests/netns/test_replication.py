@@ -304,6 +304,53 @@ def test_forged_replayed_and_foreign_datagrams_are_rejected_and_counted() -> Non
         assert kernel_replica(lab, "fw2") == before == kernel_owned(lab, "fw1")
 
 
+def _ct_insert(lab: Lab, node: str, src: str, dst: str, sport: int, *, zone: int = 0) -> None:
+    """A marked, established TCP entry through conntrack(8) (it raises a NEW event)."""
+    lab.exec(node, "conntrack", "-I", "-p", "tcp", "-s", src, "-d", dst, "--sport", str(sport),
+             "--dport", "9001", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED", "-t", "3600",
+             "-m", str(MARK), "-w", str(zone))
+
+
+def test_entries_outside_what_the_backup_replicates_never_reach_its_kernel() -> None:
+    """Nodes configured apart (another mark bit; wider zones and families on the master):
+    the backup keeps nothing outside its own ``[sync]`` scope, counts each refusal by
+    reason and converges once its configuration agrees; the master sends nothing outside
+    its own."""
+    with lab_pair(LabConfig(ipv6=True)) as pair:
+        lab = pair.lab
+        wide = {"zones": [0, 7], "families": ["ipv4", "ipv6"]}
+        pair.configure("fw1", start_as_master=True, sync=True, sync_extra=wide)
+        pair.configure("fw2", sync=True, sync_extra={"families": ["ipv4"], "mark_bit": 27})
+        pair.start("fw1")
+        pair.start("fw2")
+        wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
+        _ct_insert(lab, "fw1", "10.10.1.1", "10.20.0.100", 4001)  # in both scopes
+        _ct_insert(lab, "fw1", "10.10.1.2", "10.20.0.100", 4002, zone=7)  # fw1's zones only
+        _ct_insert(lab, "fw1", "fd10::13", "fd20::100", 4003)  # fw1's families only
+        _ct_insert(lab, "fw1", "10.10.1.4", "10.20.0.100", 4004, zone=9)  # nobody's zones
+
+        def counters(node: str) -> dict[str, int]:
+            return dict(pair.status(node)["sync"]["counters"])
+
+        wait_for(lambda: counters("fw2").get("rejected_mark", 0) >= 1
+                 and counters("fw2").get("rejected_zone", 0) >= 1
+                 and counters("fw2").get("rejected_family", 0) >= 1, 10,
+                 what="fw2 refusing the three entries fw1 sends, one reason each")
+        assert counters("fw1")["out_of_scope"] >= 1  # zone 9: not sent at all
+        assert not [e for e in lab.ct_list("fw2") if 4001 <= e.orig[2] <= 4004]
+
+        # The administrator fixes fw2's mark bit: the replica converges to what both replicate.
+        pair.stop("fw2")
+        pair.configure("fw2", sync=True, sync_extra={"families": ["ipv4"]})
+        pair.start("fw2")
+        wait_for(lambda: {k[2][0] for k in kernel_replica(lab, "fw2")} == {"10.10.1.1"}, 10,
+                 what="fw2 holding the one entry both nodes replicate")
+        c2 = counters("fw2")
+        assert c2["rejected_zone"] >= 1 and c2["rejected_family"] >= 1 and c2["rejected_mark"] == 0, c2
+        time.sleep(1)  # nothing else arrives later
+        assert {k[2][0] for k in kernel_marked(lab, "fw2")} == {"10.10.1.1"}
+
+
 def _udp_payloads(pcap: Any) -> list[bytes]:
     """UDP payloads of an Ethernet pcap (little parser: no scapy import needed)."""
     with open(pcap, "rb") as f:

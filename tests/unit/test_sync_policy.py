@@ -8,16 +8,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from invictusd import flows as F
+from invictusd.sync import wire
 from invictusd.sync.policy import (
     DEFAULT_TIMEOUTS,
     Backoff,
     Generations,
     PreemptionHold,
+    Refusal,
     Remark,
     ReplicaMarks,
+    Scope,
     Sweep,
     handover_timeout,
 )
+from invictusd.sync.wire import Delete, Entry
+from tests.unit.test_sync_wire import entries
 
 
 def test_marks() -> None:
@@ -121,3 +126,47 @@ def test_handover_timeout_is_what_the_kernel_gives_at_a_packet(proto: int, state
                                                                 name: str) -> None:
     assert handover_timeout(proto, state, status, {}) == DEFAULT_TIMEOUTS[name]
     assert handover_timeout(proto, state, status, {name: 7}) == 7
+
+
+# ---- scope ----------------------------------------------------------------------------------
+
+V4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+
+
+def _entry(family: int = 4, zone: int = 0, rzone: int | None = None, mark: int = 1 << 30) -> Entry:
+    src, dst = V4 if family == 4 else (b"\xfd" + bytes(15), b"\xfd" + bytes(14) + b"\x02")
+    rz = zone if rzone is None else rzone
+    return Entry(True, family, F.IPPROTO_TCP, src, dst, 1000, 80, zone, dst, src, 80, 1000, rz,
+                 0, 60, mark, F.TCP_ESTABLISHED)
+
+
+def test_scope_refuses_by_the_first_reason_that_applies() -> None:
+    scope = Scope(30, frozenset({0, 7}), frozenset({4}))
+    assert scope.refusal(_entry()) is None
+    assert scope.refusal(_entry(zone=7)) is None
+    assert scope.refusal(_entry(family=6)) is Refusal.FAMILY
+    assert scope.refusal(_entry(zone=9)) is Refusal.ZONE
+    assert scope.refusal(_entry(rzone=9)) is Refusal.ZONE  # a directional zone counts too
+    assert scope.refusal(_entry(mark=1 << 27)) is Refusal.MARK
+    assert scope.refusal(_entry(family=6, zone=9, mark=0)) is Refusal.FAMILY
+    d = Delete(4, F.IPPROTO_TCP, *V4, 1000, 80, 9)
+    assert scope.refusal(d) is Refusal.ZONE  # a delete has no mark to check
+    assert scope.refusal(d._replace(zone=0)) is None
+
+
+@given(st.lists(entries(), max_size=12), st.sets(st.sampled_from([0, 1, 3, 0xFFFF]), min_size=1),
+       st.sets(st.sampled_from([4, 6]), min_size=1), st.booleans())
+def test_scope_select_on_encoded_records_agrees_with_refusal(
+        recs: list[Entry], zones: set[int], families: set[int], deletes: bool) -> None:
+    scope = Scope(30, frozenset(zones), frozenset(families))
+    # what the transcoder hands over: marked entries (and deletes, which carry no mark)
+    items: list[Entry | Delete] = [
+        Delete(*e[1:8]) if deletes and i % 2 else e._replace(mark=e.mark | 1 << 30)
+        for i, e in enumerate(recs)]
+    encoded = [wire.encode_record(r) for r in items]
+    keys = [wire.entry_key(r) for r in items]
+    got, got_keys, out = scope.select(encoded, keys)
+    want = [i for i, r in enumerate(items) if scope.refusal(r) is None]
+    assert got == [encoded[i] for i in want]
+    assert got_keys == [keys[i] for i in want]
+    assert out == len(items) - len(want)
