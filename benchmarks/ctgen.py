@@ -45,12 +45,12 @@ def make_flows(n: int, base: int = 0, tcp_state: int = F.TCP_ESTABLISHED, timeou
 
 
 def _send(inj: C.Injector, msgs: list[bytes], base: int) -> int:
-    # Injector's batched sender, fed prebuilt messages so that building them is not timed.
-    return len(inj._run(msgs, base))
+    # The injector's batched sender, fed prebuilt messages so that building them is not timed.
+    return len(inj.run(msgs, base))
 
 
 def _build(inj: C.Injector, flows: list[Flow], kind: str) -> tuple[list[bytes], int]:
-    base = inj._next_seq(len(flows))
+    base = inj.next_seqs(len(flows))
     if kind == "create":
         msgs = [ct.build_create(f, base + i, ack=False) for i, f in enumerate(flows)]
     elif kind == "update":

@@ -372,15 +372,8 @@ class Injector:
         self._seq = (base + count) & 0xFFFFFFFF
         return base
 
-    _next_seq = next_seqs
-
     def run(self, msgs: Sequence[bytes], base: int) -> dict[int, int]:
-        """Send prebuilt messages (seq = base + index, built without NLM_F_ACK) in batches;
-        index -> errno of every one that failed (or whose outcome is unknown)."""
-        return self._run(msgs, base)
-
-    def _run(self, msgs: Sequence[bytes], base: int) -> dict[int, int]:
-        """Send ``msgs`` (built without NLM_F_ACK, seq = base + index) in batches.
+        """Send prebuilt ``msgs`` (built without NLM_F_ACK, seq = base + index) in batches.
 
         Returns index -> errno for every message that did not succeed. Only failures are
         answered, plus the ack of each batch's last message (re-flagged with NLM_F_ACK):
@@ -462,13 +455,13 @@ class Injector:
         return CommitResult(created, updated, failed, errors, time.perf_counter() - t0)
 
     def _commit_chunk(self, flow_list: list[Flow]) -> tuple[int, int, int, dict[int, int]]:
-        base = self._next_seq(len(flow_list))
+        base = self.next_seqs(len(flow_list))
         build = ct.build_create
         liberal = self.be_liberal
         dflt = self.default_timeout
         msgs = [build(f, base + i, be_liberal=liberal, default_timeout=dflt, ack=False)
                 for i, f in enumerate(flow_list)]
-        results = self._run(msgs, base)
+        results = self.run(msgs, base)
         created = 0
         failed = 0
         errors: dict[int, int] = {}
@@ -484,12 +477,12 @@ class Injector:
                 errors[err] = errors.get(err, 0) + 1
         updated = 0
         if retry:
-            base = self._next_seq(len(retry))
+            base = self.next_seqs(len(retry))
             msgs = [
                 build(f, base + i, be_liberal=liberal, create=False, default_timeout=dflt, ack=False)
                 for i, f in enumerate(retry)
             ]
-            results = self._run(msgs, base)
+            results = self.run(msgs, base)
             keep_status: list[Flow] = []
             for i, f in enumerate(retry):
                 err = results.get(i, 0)
@@ -503,7 +496,7 @@ class Injector:
                     failed += 1
                     errors[err] = errors.get(err, 0) + 1
             if keep_status:
-                base = self._next_seq(len(keep_status))
+                base = self.next_seqs(len(keep_status))
                 msgs = [
                     build(
                         f, base + i, be_liberal=liberal, create=False,
@@ -511,7 +504,7 @@ class Injector:
                     )
                     for i, f in enumerate(keep_status)
                 ]  # fmt: skip
-                results = self._run(msgs, base)
+                results = self.run(msgs, base)
                 for i in range(len(keep_status)):
                     err = results.get(i, 0)
                     if err == 0:
@@ -525,9 +518,9 @@ class Injector:
         """Delete entries by original tuple (and zone)."""
         t0 = time.perf_counter()
         items = flows if isinstance(flows, list) else list(flows)
-        base = self._next_seq(len(items))
+        base = self.next_seqs(len(items))
         msgs = [ct.build_delete(f, base + i, ack=False) for i, f in enumerate(items)]
-        results = self._run(msgs, base)
+        results = self.run(msgs, base)
         deleted = failed = 0
         errors: dict[int, int] = {}
         for i in range(len(items)):

@@ -6,19 +6,14 @@ CLI it spawns runs there too); results come back pickled, assertions run in the 
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
-import pickle
 import select
-import signal
 import socket
 import struct
 import subprocess
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,58 +22,16 @@ from invictusd.flows import EventKind, Flow, FlowEvent, FlowKey
 from invictusd.io import conntrack as C
 from invictusd.io import ctnetlink as ct
 from tests import nsutil
+from tests.nsutil import in_netns
 
 pytestmark = pytest.mark.netns
 
-T = TypeVar("T")
 MARK30 = 1 << 30
 V4 = socket.inet_aton
 
 
 def V6(s: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, s)
-
-
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    # os.setns exists only from Python 3.12.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout_s: int = 60) -> T:
-    """Run ``fn(*args)`` in a child that joined ``ns``; return its result or fail."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        try:
-            os.close(r)
-            signal.alarm(timeout_s)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            _setns(fd)
-            os.close(fd)
-            payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException:
-            payload = pickle.dumps(("error", traceback.format_exc()))
-        try:
-            with os.fdopen(w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise AssertionError(f"netns child died (wait status {status})")
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"in netns {ns}:\n{value}")
-    return value  # type: ignore[no-any-return]
 
 
 @pytest.fixture

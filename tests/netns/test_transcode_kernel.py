@@ -13,19 +13,14 @@ pickled. Sockets are made here, not with ``invictusd.io.conntrack`` (being rewri
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
-import pickle
 import select
-import signal
 import socket
 import struct
 import subprocess
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -36,10 +31,10 @@ from invictusd.io import transcode as T
 from invictusd.io.sockopt import attach_filter
 from invictusd.sync import wire
 from tests import nsutil
+from tests.nsutil import in_netns
 
 pytestmark = pytest.mark.netns
 
-R = TypeVar("R")
 MARK_BIT = 30
 MARK = 1 << MARK_BIT
 REPLICA = 0x01000000  # the bit the backup adds to its replica
@@ -58,46 +53,6 @@ def V6(s: str) -> bytes:
 
 
 # --- plumbing ----------------------------------------------------------------------------------
-def _setns(ns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-def in_netns(ns: str, fn: Callable[..., R], *args: Any, timeout_s: int = 60) -> R:
-    """Run ``fn(*args)`` in a child that joined ``ns``; return its result or fail."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        try:
-            os.close(r)
-            signal.alarm(timeout_s)
-            _setns(ns)
-            payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException:
-            payload = pickle.dumps(("error", traceback.format_exc()))
-        try:
-            with os.fdopen(w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise AssertionError(f"netns child died (wait status {status})")
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"in netns {ns}:\n{value}")
-    return value  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def two_ns() -> Iterator[tuple[str, str]]:
     names = [nsutil.unique_name("tca"), nsutil.unique_name("tcb")]

@@ -16,7 +16,6 @@ its attribute layout. The namespace is removed even on failure.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import socket
@@ -40,17 +39,6 @@ V4 = socket.inet_aton
 
 def V6(s: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, s)
-
-
-def _setns(ns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
 
 
 def layout(msg: bytes) -> str:
@@ -289,7 +277,7 @@ def main() -> int:
             code = 0
             try:
                 os.close(r)
-                _setns(ns)
+                nsutil.enter(ns)
                 payload = json.dumps(capture()).encode()
             except BaseException as e:
                 payload = json.dumps([["error", repr(e)]]).encode()
