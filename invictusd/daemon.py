@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from invictusd import __version__, control, log
-from invictusd.config import Config, ConfigError, IPv4If, IPv6If, LinkInfo, check_system, load
+from invictusd.config import Config, ConfigError, IPv4If, IPv6, IPv6If, LinkInfo, check_system, load
 from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
 from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
+from invictusd.io.vrrp6_socket import Received6, Vrrp6Socket
 from invictusd.io.vrrp_socket import VrrpSocket
 from invictusd.notify import Notifier
-from invictusd.vrrp import packet
+from invictusd.vrrp import packet, plan, receive
 from invictusd.vrrp.machine import (
     Action,
     AddAddresses,
@@ -32,7 +33,6 @@ from invictusd.vrrp.machine import (
     CommitReplica,
     GroupMachine,
     GroupParams,
-    InstanceParams,
     LinkChanged,
     Reconfigure,
     RemoveAddresses,
@@ -66,31 +66,8 @@ class Replica(Protocol):
 
 
 def group_params(cfg: Config) -> GroupParams:
-    instances = []
-    for v in cfg.vrrp:
-        assert v.real_address is not None, "check_system fills real_address"
-        instances.append(
-            InstanceParams(v.interface, v.virtual_id, v.priority, v.real_address, v.advert_interval)
-        )
-    first = cfg.vrrp[0]
-    refreshes = [v.garp_refresh for v in cfg.vrrp if v.garp_refresh > 0]
-    return GroupParams(
-        instances=tuple(instances),
-        preempt=first.preempt,
-        preempt_delay=max(v.preempt_delay for v in cfg.vrrp),
-        garp_refresh=min(refreshes) if refreshes else 0.0,
-    )
-
-
-def _expect(cfg: Config, i: int) -> packet.Expect:
-    v = cfg.vrrp[i]
-    return packet.Expect(
-        vrid=v.virtual_id,
-        advert_interval=v.advert_interval,
-        addresses=frozenset(a.ip for a in v.virtual_addresses),
-        auth_type=packet.AUTH_PASSWORD,
-        password=v.password,
-    )
+    # One machine instance per plan.instances(cfg) entry (per table, and per family under v3).
+    return plan.group_params(cfg)
 
 
 @dataclass(frozen=True)
@@ -100,15 +77,20 @@ class _Resnapshot:
 
 @dataclass
 class Instance:
+    """One machine instance: ``spec.table`` is its [[vrrp]] table (two share one under v3)."""
+
     index: int
     ifindex: int
-    sock: VrrpSocket
+    sock: VrrpSocket | Vrrp6Socket
     garp: GarpSocket
     na: NeighbourAdvertiser
-    expect: packet.Expect
+    spec: plan.InstanceSpec
+    receiver: receive.Receiver
     drops: Counter[str] = field(default_factory=Counter)
     garps_sent: int = 0
     addresses_restored: int = 0
+    # Encoded adverts per priority (each a message per destination): built once, not per send.
+    adverts: dict[int, list[tuple[bytes, str]]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -121,7 +103,8 @@ class Daemon:
         self.machine: GroupMachine | None = None
         self.replica: Replica | None = None
         self._replica_factory = replica_factory
-        self._by_ifindex: dict[int, int] = {}
+        self._by_ifindex: dict[int, list[int]] = {}  # ifindex -> machine instances on it
+        self._table_ifindex: dict[int, int] = {}  # [[vrrp]] table -> ifindex
         self._work: asyncio.Queue[Action | _Resnapshot] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -150,22 +133,20 @@ class Daemon:
             self.log.warning("config warning", detail=w)
         await self._remove_stale(ifindex, infos)
 
-        for i, v in enumerate(self.cfg.vrrp):
-            assert v.real_address is not None
-            sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address)
-            garp = GarpSocket(v.interface)
-            na = NeighbourAdvertiser(v.interface, ifindex[v.interface])
-            inst = Instance(i, ifindex[v.interface], sock, garp, na, _expect(self.cfg, i))
+        for t, v in enumerate(self.cfg.vrrp):
+            self._table_ifindex[t] = ifindex[v.interface]
+        for i, spec in enumerate(plan.instances(self.cfg)):
+            inst = self._open_instance(i, spec, ifindex[spec.interface])
             self.instances.append(inst)
-            self._by_ifindex[inst.ifindex] = i
-            loop.add_reader(sock.fileno(), self._on_vrrp_readable, inst)
+            self._by_ifindex.setdefault(inst.ifindex, []).append(i)
+            loop.add_reader(inst.sock.fileno(), self._on_vrrp_readable, inst)
         self._rtnl = RtnlMonitor()
         loop.add_reader(self._rtnl.fileno(), self._on_rtnl_readable)
 
         self.machine = GroupMachine(group_params(self.cfg))
-        for i, v in enumerate(self.cfg.vrrp):
-            if not link_up.get(v.interface, False):
-                self._apply(self.machine.handle(LinkChanged(i, False), loop.time()))
+        for inst in self.instances:
+            if not link_up.get(inst.spec.interface, False):
+                self._apply(self.machine.handle(LinkChanged(inst.index, False), loop.time()))
 
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
@@ -204,6 +185,17 @@ class Daemon:
         self.log.info("stopped")
         return 0
 
+    def _open_instance(self, index: int, spec: plan.InstanceSpec, ifindex: int) -> Instance:
+        sock: VrrpSocket | Vrrp6Socket
+        unicast = bool(spec.peers)
+        if isinstance(spec.source, IPv6):
+            sock = Vrrp6Socket(spec.interface, ifindex, spec.source, unicast)
+        else:
+            sock = VrrpSocket(spec.interface, ifindex, spec.source, unicast)
+        garp = GarpSocket(spec.interface)
+        na = NeighbourAdvertiser(spec.interface, ifindex)
+        return Instance(index, ifindex, sock, garp, na, spec, plan.receiver(self.cfg, spec))
+
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A bug of ours in a callback: log it loudly (it would otherwise go to stderr only)."""
         self.callback_errors += 1
@@ -226,8 +218,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.node.control_socket)
         # Belt and braces: whatever happened before, no virtual address outlives a clean stop.
+        for t, ifindex in self._table_ifindex.items():
+            await self.links.remove(ifindex, self._vips(t))
         for inst in self.instances:
-            await self.links.remove(inst.ifindex, self._vips(inst.index))
             loop.remove_reader(inst.sock.fileno())
             inst.sock.close()
             inst.garp.close()
@@ -256,26 +249,32 @@ class Daemon:
         while (data := inst.sock.recv()) is not None:
             self._on_packet(inst, data)
 
-    def _on_packet(self, inst: Instance, data: bytes) -> None:
+    def _on_packet(self, inst: Instance, data: bytes | Received6) -> None:
         assert self.machine is not None
         try:
-            source, ttl, adv = packet.decode_ip(data)
-            if source == inst.sock.source:
-                raise packet.PacketError(packet.DropReason.OWN, "our own advertisement")
-            packet.validate(ttl, adv, inst.expect)
+            if isinstance(data, Received6):
+                heard = receive.receive_ip6(inst.receiver, data.payload, data.source,
+                                            data.destination, data.hop_limit)
+            else:
+                heard = receive.receive_ip4(inst.receiver, data)
         except packet.PacketError as e:
             inst.drops[e.reason.value] += 1
             if e.reason is not packet.DropReason.OWN:
                 held = self._drop_log.allow((inst.index, e.reason))
                 if held is not None:
-                    self.log.warning(
-                        "advert dropped", interface=self.cfg.vrrp[inst.index].interface,
-                        vrid=inst.expect.vrid, reason=e.reason.value, detail=e.detail,
-                        source=_source(data), suppressed=held,
+                    # Another VRRP version is a misconfigured pair (both end up master): an
+                    # error, not the usual noise of a shared segment.
+                    level = (self.log.error if e.reason is packet.DropReason.VERSION
+                             else self.log.warning)
+                    level(
+                        "advert dropped", interface=inst.spec.interface,
+                        vrid=inst.spec.vrid, family=inst.spec.family, reason=e.reason.value,
+                        detail=e.detail, source=_source(data), suppressed=held,
                     )
             return
         now = asyncio.get_running_loop().time()
-        self._apply(self.machine.handle(AdvertReceived(inst.index, source, adv.priority), now))
+        self._apply(self.machine.handle(
+            AdvertReceived(inst.index, heard.source, heard.priority, heard.interval), now))
 
     def _on_rtnl_readable(self) -> None:
         assert self._rtnl is not None and self.machine is not None
@@ -293,8 +292,7 @@ class Daemon:
             if isinstance(ev, LinkEvent):
                 if self.replica is not None:
                     self.replica.link_changed(ev.ifindex, ev.up)
-                i = self._by_ifindex.get(ev.ifindex)
-                if i is not None:
+                for i in self._by_ifindex.get(ev.ifindex, ()):
                     self._apply(self.machine.handle(LinkChanged(i, ev.up), now))
             elif isinstance(ev, AddrEvent) and ev.deleted:
                 self._address_deleted(ev)
@@ -304,24 +302,26 @@ class Daemon:
         _, _, link_up = await self.links.snapshot()
         now = asyncio.get_running_loop().time()
         for inst in self.instances:
-            up = link_up.get(self.cfg.vrrp[inst.index].interface, False)
+            up = link_up.get(inst.spec.interface, False)
             self._apply(self.machine.handle(LinkChanged(inst.index, up), now))
         if self.machine.state is State.MASTER:
             self._work.put_nowait(AddAddresses())
 
     def _address_deleted(self, ev: AddrEvent) -> None:
         assert self.machine is not None
-        i = self._by_ifindex.get(ev.ifindex)
-        if i is None or self.machine.state is not State.MASTER:
+        on_link = self._by_ifindex.get(ev.ifindex)
+        if not on_link or self.machine.state is not State.MASTER:
             return
-        if any(a.ip == ev.address for a in self._vips(i)):
-            self.instances[i].addresses_restored += 1
+        first = self.instances[on_link[0]]
+        if any(a.ip == ev.address for a in self._vips(first.spec.table)):
+            first.addresses_restored += 1
             self.log.warning(
                 "virtual address removed behind our back; restoring",
-                interface=self.cfg.vrrp[i].interface, address=str(ev.address),
+                interface=first.spec.interface, address=str(ev.address),
             )
             self._work.put_nowait(AddAddresses())
-            self._work.put_nowait(SendGarp(i))
+            for i in on_link:
+                self._work.put_nowait(SendGarp(i))
 
     # ---- actions -----------------------------------------------------------------------
 
@@ -350,21 +350,21 @@ class Daemon:
         self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
 
     def _send_advert(self, index: int, priority: int) -> None:
-        v = self.cfg.vrrp[index]
-        adv = packet.Advertisement(
-            vrid=v.virtual_id, priority=priority,
-            addresses=tuple(a.ip for a in v.virtual_addresses),
-            advert_interval=v.advert_interval, auth_type=packet.AUTH_PASSWORD,
-            auth_data=v.password,
-        )
-        try:
-            self.instances[index].sock.send(packet.encode(adv))
-        except OSError as e:
-            # A link going down makes sends fail before the link event arrives.
-            self.instances[index].drops["send_error"] += 1
-            held = self._drop_log.allow((index, "send"))
-            if held is not None:
-                self.log.warning("advert not sent", interface=v.interface, error=e.strerror)
+        inst = self.instances[index]
+        adverts = inst.adverts.get(priority)
+        if adverts is None:
+            adverts = [(m, str(d)) for m, d in plan.advert(self.cfg, inst.spec, priority)]
+            inst.adverts[priority] = adverts
+        for message, destination in adverts:
+            try:
+                inst.sock.send(message, destination)
+            except OSError as e:
+                # A link going down makes sends fail before the link event arrives.
+                inst.drops["send_error"] += 1
+                held = self._drop_log.allow((index, "send"))
+                if held is not None:
+                    self.log.warning("advert not sent", interface=inst.spec.interface,
+                                     destination=destination, error=e.strerror)
 
     def _on_transition(self, t: Transition) -> None:
         assert self.machine is not None
@@ -398,27 +398,29 @@ class Daemon:
         elif isinstance(action, AddAddresses):
             # The machine may have moved on while we waited: only add if still master.
             if self.machine.state is State.MASTER:
-                for inst in self.instances:
-                    await self.links.add(inst.ifindex, self._vips(inst.index))
+                for t, ifindex in self._table_ifindex.items():
+                    await self.links.add(ifindex, self._vips(t))
         elif isinstance(action, RemoveAddresses):
             if self.machine.state is not State.MASTER:
-                for inst in self.instances:
-                    await self.links.remove(inst.ifindex, self._vips(inst.index))
+                for t, ifindex in self._table_ifindex.items():
+                    await self.links.remove(ifindex, self._vips(t))
         elif isinstance(action, SendGarp) and self.machine.state is State.MASTER:
-            v = self.cfg.vrrp[action.index]
             inst = self.instances[action.index]
-            inst.garps_sent += inst.garp.announce(
-                [a.ip for a in v.virtual_addresses], repeat=v.garp_repeat
-            )
-            if v.virtual_addresses6:
+            v = self.cfg.vrrp[inst.spec.table]
+            if inst.spec.garp:
+                inst.garps_sent += inst.garp.announce(list(inst.spec.garp), repeat=v.garp_repeat)
+            if inst.spec.neighbour:
+                # RFC 5798 6.4.2: a VRRPv3 master's NAs carry the Router flag.
                 inst.garps_sent += inst.na.announce(
-                    [a.ip for a in v.virtual_addresses6], inst.garp.mac, repeat=v.garp_repeat
+                    list(inst.spec.neighbour), inst.garp.mac, repeat=v.garp_repeat,
+                    router=inst.spec.version == 3,
                 )
         elif isinstance(action, _Resnapshot):
             await self._resnapshot()
 
-    def _vips(self, index: int) -> list[IPv4If | IPv6If]:
-        v = self.cfg.vrrp[index]
+    def _vips(self, table: int) -> list[IPv4If | IPv6If]:
+        """Every virtual address of the [[vrrp]] table ``table`` (both families)."""
+        v = self.cfg.vrrp[table]
         return [*v.virtual_addresses, *v.virtual_addresses6]
 
     # ---- commands ----------------------------------------------------------------------
@@ -455,8 +457,10 @@ class Daemon:
             self.log.error("reload refused; keeping the running configuration", error=why)
             return {"ok": False, "error": why}
         self.cfg = new
-        for inst in self.instances:
-            inst.expect = _expect(new, inst.index)
+        for inst, spec in zip(self.instances, plan.instances(new), strict=True):
+            inst.spec = spec
+            inst.receiver = plan.receiver(new, spec)
+            inst.adverts.clear()
         now = asyncio.get_running_loop().time()
         self._apply(self.machine.handle(Reconfigure(group_params(new)), now))
         self.log.info("reloaded", priority=self.machine.priority, preempt=self.machine.params.preempt)
@@ -520,20 +524,25 @@ class Daemon:
         now = asyncio.get_running_loop().time()
         vrrp = []
         for inst in self.instances:
-            v, p, view = self.cfg.vrrp[inst.index], m.params.instances[inst.index], m.instances[
-                inst.index]
+            v, p, view = self.cfg.vrrp[inst.spec.table], m.params.instances[inst.index], (
+                m.instances[inst.index])
+            vips = v.virtual_addresses if inst.spec.family == 4 else v.virtual_addresses6
             vrrp.append({
                 "interface": v.interface,
                 "virtual_id": v.virtual_id,
+                "version": inst.spec.version,
+                "family": inst.spec.family,
                 "state": m.state.value,
                 "priority": p.priority,
                 "real_address": str(p.primary),
-                "virtual_addresses": [str(a) for a in v.virtual_addresses],
+                "virtual_addresses": [str(a) for a in vips],
+                "unicast_peers": [str(a) for a in inst.spec.peers],
                 "master_address": str(view.master_address) if view.master_address else None,
                 "master_priority": view.master_priority,
                 "link_up": view.link_up,
                 "advert_interval": v.advert_interval,
-                "master_down_interval": p.master_down_interval,
+                "master_advert_interval": m.master_advert_interval(inst.index),
+                "master_down_interval": m.master_down_interval(inst.index),
                 "time_in_state": round(now - m.since, 3),
                 "counters": {
                     "adverts_sent": view.adverts_sent,
@@ -564,7 +573,9 @@ class Daemon:
         }
 
 
-def _source(data: bytes) -> str:
+def _source(data: bytes | Received6) -> str:
+    if isinstance(data, Received6):
+        return str(data.source)
     return ".".join(str(b) for b in data[12:16]) if len(data) >= 20 else "?"
 
 
@@ -573,11 +584,13 @@ def _needs_restart(old: Config, new: Config) -> str:
         return (
             [(v.interface, v.virtual_id, v.virtual_addresses, v.real_address) for v in c.vrrp],
             c.sync, c.node.control_socket,
+            # The sockets depend on these (families, multicast membership, source).
+            [(v.version, v.virtual_addresses6, v.unicast_peers, v.link_local) for v in c.vrrp],
         )
 
     if shape(old) != shape(new):
-        return ("interfaces, VRIDs, addresses, the control socket or [sync] changed; "
-                "these need a restart (systemctl restart invictusd)")
+        return ("interfaces, VRIDs, addresses, version, unicast_peers, the control socket or "
+                "[sync] changed; these need a restart (systemctl restart invictusd)")
     return ""
 
 

@@ -3,6 +3,10 @@
 Two sockets: the sender is bound to the real address (so adverts never leave from a virtual
 address that happens to be primary) with TTL 255; the receiver is unbound (a raw socket bound
 to a unicast address would not see packets to 224.0.0.18) and tied to the interface.
+
+With unicast peers the receiver does not join 224.0.0.18 (multicast adverts of other routers
+on the segment are not even delivered) and adverts go to each peer with TTL 255. The IPv6
+counterpart (VRRPv3) is ``invictusd.io.vrrp6_socket``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def _mreqn(group: str, local: ipaddress.IPv4Address, ifindex: int) -> bytes:
 
 
 class VrrpSocket:
-    def __init__(self, ifname: str, ifindex: int, source: ipaddress.IPv4Address) -> None:
+    def __init__(self, ifname: str, ifindex: int, source: ipaddress.IPv4Address,
+                 unicast: bool = False) -> None:
         self.ifname, self.ifindex, self.source = ifname, ifindex, source
         tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTO)
         rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTO)
@@ -34,9 +39,11 @@ class VrrpSocket:
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreq)
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, VRRP_TTL)
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            tx.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, VRRP_TTL)  # unicast peers
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)  # CS6, network control
             tx.bind((str(source), 0))
-            rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            if not unicast:
+                rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
             # A flood of forged adverts must not crowd the real ones out of the queue while
             # the loop is busy (default ~200 KB is ~1,000 packets).
             rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -49,8 +56,8 @@ class VrrpSocket:
     def fileno(self) -> int:
         return self.rx.fileno()
 
-    def send(self, payload: bytes) -> None:
-        self.tx.sendto(payload, (VRRP_GROUP, 0))
+    def send(self, payload: bytes, destination: str = VRRP_GROUP) -> None:
+        self.tx.sendto(payload, (destination, 0))
 
     def recv(self) -> bytes | None:
         """One IPv4 packet (header included), or None when nothing is waiting."""
