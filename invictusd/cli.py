@@ -209,7 +209,8 @@ def _cleanup(args: argparse.Namespace) -> int:
         resolved = check_system(cfg, infos)
         removed: list[str] = []
         for v in resolved.vrrp:
-            removed += await links.remove(ifindex[v.interface], list(v.virtual_addresses))
+            removed += await links.remove(
+                ifindex[v.interface], [*v.virtual_addresses, *v.virtual_addresses6])
         return removed
 
     try:
