@@ -453,11 +453,19 @@ class GroupMachine:
             return False
         return int(ev.source) > int(lead_p.primary)
 
+    def _on_same_link(self, index: int) -> list[InstanceView]:
+        """Every instance on the interface of ``index`` (IPv4 and IPv6 ones under VRRPv3)."""
+        iface = self.params.instances[index].interface
+        return [v for p, v in zip(self.params.instances, self.instances, strict=True)
+                if p.interface == iface]
+
     def _link(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
         v = self.instances[ev.index]
         if v.link_up == ev.up:
             return
-        v.link_up = ev.up
+        # A link is the interface's, whatever the family: no goodbye on a link just lost.
+        for same in self._on_same_link(ev.index):
+            same.link_up = ev.up
         iface = self.params.instances[ev.index].interface
         if not ev.up and self.state is not State.FAULT:
             if self.state is State.MASTER:
@@ -468,7 +476,8 @@ class GroupMachine:
             self._initialize(f"link up: {iface}", now, out)
 
     def _link_init(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
-        self.instances[ev.index].link_up = ev.up
+        for same in self._on_same_link(ev.index):
+            same.link_up = ev.up
 
     def _shutdown(self, ev: Shutdown, now: float, out: list[Action]) -> None:
         if self.state is State.INIT:

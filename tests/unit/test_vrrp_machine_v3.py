@@ -21,6 +21,7 @@ from invictusd.vrrp.machine import (
     GroupMachine,
     GroupParams,
     InstanceParams,
+    LinkChanged,
     Reconfigure,
     SendAdvert,
     Shutdown,
@@ -238,6 +239,20 @@ def test_shutdown_sends_priority_zero_on_every_instance() -> None:
 
 
 # ---- the group over two families ----------------------------------------------------------------
+
+
+def test_link_down_takes_both_families_of_the_interface_and_says_goodbye_elsewhere() -> None:
+    m, t = master(v3group(0.1))
+    out = m.handle(LinkChanged(0, False), t + 0.01)  # lan0 (its IPv4 instance reported first)
+    assert transitions(out) == [(State.MASTER, State.FAULT)]
+    # Priority 0 only where the link is up: wan0, not lan0's IPv6 instance.
+    assert [a for a in out if isinstance(a, SendAdvert)] == [SendAdvert(2, 0)]
+    assert [v.link_up for v in m.instances] == [False, False, True]
+    assert m.handle(LinkChanged(1, False), t + 0.02) == []  # the IPv6 instance's own event
+    out = m.handle(LinkChanged(1, True), t + 0.5)  # up again: the group starts over
+    assert transitions(out) == [(State.FAULT, State.BACKUP)]
+    assert all(v.link_up for v in m.instances)
+
 
 
 def test_lead_is_lowest_vrid_then_ipv4() -> None:
