@@ -163,8 +163,9 @@ def format_status(s: dict[str, Any]) -> str:
     for v in s["vrrp"]:
         c = v["counters"]
         drops = ", ".join(f"{k} {n}" for k, n in sorted(c["drops"].items())) or "none"
+        proto = f" v{v['version']}/IPv{v['family']}" if v.get("version") == 3 else ""
         lines.append(
-            f"  {v['interface']:<8} VRID {v['virtual_id']:<3} {v['state']:<6} prio {v['priority']:<3}"
+            f"  {v['interface']:<8} VRID {v['virtual_id']:<3}{proto} {v['state']:<6} prio {v['priority']:<3}"
             f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {' '.join(v['virtual_addresses'])}"
             f"  master {v['master_address'] or '-'}  {v['time_in_state']:.1f}s in state"
         )
