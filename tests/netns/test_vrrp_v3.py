@@ -43,6 +43,7 @@ from tests.netns.test_replication import _churn
 # loop's timer (millisecond resolution under uvloop), the address change in the netlink
 # thread, and polling. The bar for a dead box at 0.1 s is the RFC bound + 40 ms.
 MARGIN = 0.04
+TCP_RTO_MIN = 0.2  # Linux's floor for TCP's retransmission timeout (TCP_RTO_MIN)
 
 
 def md(interval: float, priority: int = 100) -> float:
@@ -413,11 +414,16 @@ def test_tcp_stream_survives_a_box_death_with_replication(interval: float, measu
         # A real death, not a goodbye: the backup's Master_Down fired.
         assert "no advert for" in change["reason"], change
         assert t_vips <= md(interval) + MARGIN, t_vips
-        # The stream (TCP_NODELAY, a message every 10 ms) recovers with the first segment sent
-        # after the addresses moved (the server's duplicate ACKs trigger a fast retransmit),
-        # not at TCP's retransmission timer. The bars: the 0.3 s at 0.05 s, and at
-        # 0.1 s keepalived v3 + conntrackd's worst gap on this machine (0.651 s, vrrp.md).
-        assert worst <= (0.3 if interval <= 0.05 else 0.651), gaps
+        # A stream (TCP_NODELAY, a message every 10 ms) recovers with its first transmission
+        # after the addresses moved: new data, usually (gap = t_vips), unless its retransmission
+        # timer (RFC 6298; Linux: 200 ms + RTT) fired while the box was silent, which leaves the
+        # connection waiting for the backed-off retry, 2 x 200 ms later. Bound: the addresses
+        # by the RFC bound + MARGIN, plus that retry, plus 50 ms for the echo to come back.
+        # At 0.05 s the addresses move before the first retry can fire (0.2 s): the issue's
+        # bar of 0.3 s holds.
+        assert worst <= md(interval) + MARGIN + 2 * TCP_RTO_MIN + 0.05, gaps
+        if interval <= 0.05:
+            assert worst <= 0.3, gaps
 
 
 # ---- keepalived 2.2.7 `version 3` in the same VRID ----------------------------------------------
