@@ -60,6 +60,15 @@ def v3_config(pair: Pair, node: str, interval: float = 0.1, **kw: Any) -> None:
     pair.configure(node, password=None, vrrp_extra=extra, **kw)
 
 
+def sync_key(lab: Lab) -> str:
+    """A sync key file, mode 600: a v3 pair has no password to derive one from."""
+    path = lab.workdir / "sync.key"
+    if not path.exists():
+        lab.write_file("sync.key", os.urandom(32).hex() + "\n")
+        path.chmod(0o600)
+    return str(path)
+
+
 def vips(lab: Lab, node: str, family: int = 0) -> set[str]:
     """The virtual addresses (LAN and WAN, of ``family`` or both) that ``node`` holds."""
     c = lab.config
@@ -379,7 +388,7 @@ def test_tcp_stream_survives_a_box_death_with_replication(interval: float, measu
         lab = pair.lab
         for node in ("fw1", "fw2"):
             v3_config(pair, node, interval, start_as_master=node == "fw1", sync=True,
-                      sync_extra={"key_file": str(lab.write_file("sync.key", "k" * 32))})
+                      sync_extra={"key_file": sync_key(lab)})
         pair.start("fw1")
         pair.start("fw2")
         wait_for(lambda: sole_holder(lab) == "fw1", 5, what="fw1 master")
@@ -678,7 +687,7 @@ def test_v3_adverts_keep_time_at_0_05_s_under_vrrp_and_sync_floods(measure: Any)
     rng = random.Random(10)
     with lab_pair() as pair:
         lab, c = pair.lab, pair.lab.config
-        key = str(lab.write_file("sync.key", "k" * 32))
+        key = sync_key(lab)
         for node in ("fw1", "fw2"):
             v3_config(pair, node, interval, start_as_master=node == "fw1", sync=True,
                       sync_extra={"key_file": key})
