@@ -5,11 +5,13 @@ And the plan the daemon derives from a checked configuration (instances, receive
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from invictusd.cli import main
 from invictusd.config import Config, ConfigError, LinkInfo, check_system, parse
 from invictusd.vrrp import packet, plan, v3
 from invictusd.vrrp.machine import GroupMachine
@@ -315,3 +317,22 @@ def test_plan_v2_advert_carries_the_password_and_goes_to_each_peer() -> None:
     assert [d for _, d in adverts] == [A4("10.0.0.3"), A4("10.0.0.4")]
     assert adverts[0][0] == adverts[1][0]  # no pseudo-header in v2: one message for all
     assert packet.decode(adverts[0][0]).auth_data == b"secret"
+
+
+# ---- `invictusd check` ------------------------------------------------------------------------
+
+
+def test_check_warns_that_a_v3_password_authenticates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = V3 + 'password = "secret"\n'
+    path = tmp_path / "invictusd.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    assert main(["check", "--config", str(path)]) == 0  # accepted: a warning, not an error
+    out = capsys.readouterr()
+    assert "OK: group of 1" in out.out
+    warning = next(line for line in out.err.splitlines() if "password" in line)
+    assert warning.startswith(f"invictusd: warning: {path}:{line_of(text, 'password')}: "
+                              "vrrp[0].password: VRRPv3 has no authentication")
+    assert "not sent" in warning and "unicast_peers" in warning and "secret" not in warning
