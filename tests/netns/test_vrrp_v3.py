@@ -193,6 +193,30 @@ def test_v3_election_over_ipv4_and_ipv6_failover_and_preemption(measure: Any) ->
         assert pair.state("fw2") == "backup"
 
 
+def test_v3_link_flap_moves_the_group_and_ipv6_adverts_resume_after_it() -> None:
+    """A link going down takes the group to the peer (priority 0 on the live link); back up,
+    the kernel has re-created the link-local address our IPv6 adverts leave from, and the
+    preferred node takes everything back over IPv4 and IPv6."""
+    with lab_pair(LabConfig(ipv6=True)) as pair:
+        lab, c = pair.lab, pair.lab.config
+        v3_config(pair, "fw1", start_as_master=True)
+        v3_config(pair, "fw2")
+        pair.start("fw1")
+        pair.start("fw2")
+        wait_for(lambda: sole_holder(lab) == "fw1", 5, what="fw1 holding every VIP")
+        lab.link_set("fw1", c.wan_if, False)
+        wait_for(lambda: sole_holder(lab) == "fw2", 3, what="fw2 holding every VIP")
+        assert pair.state("fw1") == "fault"
+        drops = pair.status("fw1")["vrrp"][0]["counters"]["drops"]
+        assert "send_error" not in drops, drops
+        lab.link_set("fw1", c.wan_if, True)
+        wait_for(lambda: sole_holder(lab) == "fw1", 5, what="fw1 back with every VIP")
+        # fw2 hears fw1's IPv6 adverts on the flapped link again, from its link-local address.
+        wait_for(lambda: pair.status("fw2")["vrrp"][3]["master_address"]
+                 == lab.link_local("fw1", c.wan_if), 2, what="fw2 hearing fw1 over IPv6 on wan0")
+        assert lab.ping("client", c.server_ip6)
+
+
 def test_v3_backup_adopts_a_faster_masters_interval(measure: Any) -> None:
     with lab_pair() as pair:
         lab = pair.lab
