@@ -584,8 +584,9 @@ def _needs_restart(old: Config, new: Config) -> str:
         return (
             [(v.interface, v.virtual_id, v.virtual_addresses, v.real_address) for v in c.vrrp],
             c.sync, c.node.control_socket,
-            # The sockets depend on these (families, multicast membership, source).
-            [(v.version, v.virtual_addresses6, v.unicast_peers, v.link_local) for v in c.vrrp],
+            # The sockets depend on these (v3 IPv6 instances, multicast membership, source).
+            [(v.version, v.virtual_addresses6 if v.version == 3 else (), v.unicast_peers,
+              v.link_local) for v in c.vrrp],
         )
 
     if shape(old) != shape(new):
