@@ -241,6 +241,34 @@ def test_v3_backup_adopts_a_faster_masters_interval(measure: Any) -> None:
         assert took <= md(0.05) + MARGIN
 
 
+def test_v3_reload_changes_the_interval_live_and_refuses_a_version_change() -> None:
+    with lab_pair() as pair:
+        lab = pair.lab
+        v3_config(pair, "fw1", 0.1, start_as_master=True)
+        v3_config(pair, "fw2", 0.1)
+        pair.start("fw1")
+        pair.start("fw2")
+        wait_for(lambda: sole_holder(lab) == "fw1", 5, what="fw1 master")
+        before = {n: pair.status(n)["group"]["transitions"] for n in ("fw1", "fw2")}
+        v3_config(pair, "fw1", 0.05, start_as_master=True)
+        pair.signal("fw1", signal.SIGHUP)
+        # The backup follows the master's new interval without any reconfiguration.
+        wait_for(lambda: all(v["master_advert_interval"] == 0.05
+                             for v in pair.status("fw2")["vrrp"]), 3, what="fw2 adopting 0.05 s")
+        assert pair.status("fw2")["vrrp"][0]["master_down_interval"] == pytest.approx(md(0.05))
+        # Back to version 2 needs a restart: refused, the running configuration stays.
+        pair.configure("fw1", start_as_master=True)
+        pair.signal("fw1", signal.SIGHUP)
+        wait_for(lambda: any(e.get("event", "").startswith("reload refused")
+                             for e in pair.log_events("fw1")), 3, what="reload refused")
+        refused = [e for e in pair.log_events("fw1") if e.get("event", "").startswith("reload refused")]
+        assert "version" in refused[-1]["error"]
+        time.sleep(1)
+        assert pair.status("fw1")["vrrp"][0]["version"] == 3
+        assert {n: pair.status(n)["group"]["transitions"] for n in ("fw1", "fw2")} == before
+        assert sole_holder(lab) == "fw1"
+
+
 # ---- adverts on the wire ------------------------------------------------------------------------
 
 
