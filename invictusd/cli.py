@@ -171,9 +171,11 @@ def format_status(s: dict[str, Any]) -> str:
     for v in s["vrrp"]:
         c = v["counters"]
         drops = ", ".join(f"{k} {n}" for k, n in sorted(c["drops"].items())) or "none"
+        proto = f" v{v['version']}/IPv{v['family']}" if v.get("version") == 3 else ""
+        vips = " ".join([*v["virtual_addresses"], *v.get("virtual_addresses6", ())])
         lines.append(
-            f"  {v['interface']:<8} VRID {v['virtual_id']:<3} {v['state']:<6} prio {v['priority']:<3}"
-            f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {' '.join(v['virtual_addresses'])}"
+            f"  {v['interface']:<8} VRID {v['virtual_id']:<3}{proto} {v['state']:<6} prio {v['priority']:<3}"
+            f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {vips}"
             f"  master {v['master_address'] or '-'}  {v['time_in_state']:.1f}s in state"
         )
         lines.append(f"           adverts sent {c['adverts_sent']}, received {c['adverts_received']}"
