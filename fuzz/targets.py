@@ -78,9 +78,14 @@ def vrrp3(data: bytes) -> None:
             adv = v3.decode(data, src, dst)
         except packet.PacketError:
             continue
-        # Symmetric: what decodes re-encodes to the bytes it came from.
+        if adv.vrid == 0:
+            continue  # decoded (validate refuses it as `vrid`), but never sent: encode refuses it
+        # Symmetric: what decodes re-encodes to the bytes it came from, but for the
+        # checksum's two zeros (RFC 1071): a received 0xffff verifies where we send 0x0000.
         n = v3.HEADER_LEN + len(adv.addresses) * (4 if src.version == 4 else 16)
         again = v3.encode(adv, src, dst)
+        if data[6:8] == b"\xff\xff" and again[6:8] == b"\0\0":
+            again = again[:6] + b"\xff\xff" + again[8:]
         assert again == data[:n], (adv, data[:n].hex(), again.hex())
 
 
