@@ -16,7 +16,9 @@ filter each (``invictusd.vrrp.filter``): a fast lane for what looks like this in
 genuine adverts, a slow lane for everything else. An IPv6 raw socket's filter sees the
 payload at offset 0 and reaches the header (hop limit, source, destination) through
 ``SKF_NET_OFF``, so both lanes split on every check but the address list, as over IPv4.
-With unicast peers neither receiver joins ff02::12.
+With unicast peers neither receiver joins ff02::12; both are bound to the link-local address
+(the peers' destination) and turn ``IPV6_MULTICAST_ALL`` off: an unbound IPv6 raw socket gets
+every multicast packet the link accepted for any socket of the host (keepalived's, say).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from invictusd.vrrp.v3 import GROUP6
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)  # Linux >= 4.15
+IPV6_MULTICAST_ALL = getattr(socket, "IPV6_MULTICAST_ALL", 29)  # linux/in6.h, Linux >= 4.20
 RECV_SIZE = 2048
 _ANCILLARY = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # in6_pktinfo + hop limit
 
@@ -84,7 +87,14 @@ class Vrrp6Socket:
                 rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
                 rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
                 lanes.append((rx, force_buffers(rx, rcvbuf=size)))
-                if not unicast:
+                if unicast:
+                    # No group's packets through another socket's membership: an unbound IPv6
+                    # raw socket takes every multicast packet its link accepted, a bound one
+                    # only its groups' (none), and with IPV6_MULTICAST_ALL off.
+                    rx.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+                    rx.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+                    rx.bind((str(source), 0, 0, ifindex))
+                else:
                     mreq = GROUP6.packed + struct.pack("@I", ifindex)
                     rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
         except OSError:

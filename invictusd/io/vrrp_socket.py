@@ -7,8 +7,10 @@ this instance's genuine adverts, the slow lane everything else. A flood therefor
 slow lane's queue, never the one the peer's adverts arrive on.
 
 Multicast: both receivers join 224.0.0.18 (a raw socket bound to a unicast address would not
-see the group). With unicast peers neither joins, adverts go to each peer with TTL 255
-(``IP_TTL``), and the fast lane also requires a listed peer as the source. The IPv6 counterpart (VRRPv3) is
+see the group). With unicast peers neither joins and both turn ``IP_MULTICAST_ALL`` off, so
+multicast adverts of other routers on the segment are not delivered even when another
+socket of the host joined the group; adverts go to each peer with TTL 255 (``IP_TTL``), and
+the fast lane also requires a listed peer as the source. The IPv6 counterpart (VRRPv3) is
 ``invictusd.io.vrrp6_socket``.
 """
 
@@ -23,6 +25,7 @@ from invictusd.vrrp.filter import LaneSpec, fast_lane, slow_lane
 from invictusd.vrrp.packet import VRRP_GROUP, VRRP_PROTO, VRRP_TTL
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # linux/in.h
 RECV_SIZE = 2048
 # Queue limits (the kernel charges ~1 KB per queued small packet). The fast lane only ever
 # holds genuine-looking adverts; the slow lane's backlog is junk the rate limit did not read.
@@ -60,7 +63,12 @@ class VrrpSocket:
                 rx.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
                 rx.setblocking(False)
                 lanes.append((rx, force_buffers(rx, rcvbuf=size)))
-                if not unicast:
+                if unicast:
+                    # Not even another socket's membership (keepalived's, say) brings the
+                    # group's packets here: Linux delivers them to every raw socket unless
+                    # IP_MULTICAST_ALL is off.
+                    rx.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+                else:
                     rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         except OSError:
             for s in socks:

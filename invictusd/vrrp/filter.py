@@ -15,7 +15,8 @@ Every packet that reaches an instance's VRRP sockets is queued on exactly one of
   so every bad packet is still counted by reason; what the rate limit leaves unread the
   kernel drops and counts (``SO_MEMINFO``), reported as ``overflow``.
 
-What a filter sees (checked against Linux 6.18 with a filter per field):
+What a filter sees (checked against Linux 6.18 with a filter per field, see
+``tests/netns/test_vrrp_lanes.py``):
 
 * **IPv4 raw socket**: the data starts at the IPv4 header, cut to its total length. A
   genuine advert has a plain 20-byte header; one with IP options still arrives, on the slow
