@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from invictusd.vrrp.filter import MAX_COUNT, MAX_PEERS
 from invictusd.vrrp.packet import MAX_PASSWORD
 
 IPv4 = ipaddress.IPv4Address
@@ -342,6 +343,10 @@ def _unicast_peers(r: _Reader, version: int, has4: bool, has6: bool) -> tuple[IP
         peers.append(peer)
     peers4 = any(isinstance(p, IPv4) for p in peers)
     peers6 = any(isinstance(p, IPv6) for p in peers)
+    for family, cls in ((4, IPv4), (6, IPv6)):
+        if sum(isinstance(p, cls) for p in peers) > MAX_PEERS:
+            raise r.err(key, f"lists more than {MAX_PEERS} IPv{family} peers (the kernel's "
+                        "receive filter checks the source against each)")
     if peers4 and not has4:
         raise r.err(key, "lists IPv4 peers, but the table has no IPv4 virtual address")
     if has4 and not peers4:
@@ -381,6 +386,13 @@ def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
                     "virtual address")
     if len({a.ip for a, _ in parsed}) != len(parsed):
         raise r.err(key, "lists the same address twice")
+    # One advert carries them all; the kernel's receive filter checks it in a bounded program.
+    if len(vips) > MAX_COUNT[4]:
+        raise r.err(key, f"lists {len(vips)} IPv4 addresses; an advert carries at most "
+                    f"{MAX_COUNT[4]}")
+    if version == 3 and len(vips6) > MAX_COUNT[6]:
+        raise r.err(key, f"lists {len(vips6)} IPv6 addresses; a VRRPv3 advert carries at most "
+                    f"{MAX_COUNT[6]} (it must fit a 1500-byte link)")
     if real_address is not None and any(v.ip == real_address for v in vips):
         raise r.err(key, f"{real_address} is also the real_address")
 

@@ -233,6 +233,29 @@ def test_unicast_peers_errors_name_key_and_line(base: str, value: str, words: tu
     assert_error(text, "vrrp[0].unicast_peers", "unicast_peers", words)
 
 
+def test_address_and_peer_counts_are_bounded_by_what_the_receive_filter_checks() -> None:
+    """One advert carries every address of a table, and the kernel's fast lane checks its
+    checksum unrolled (and the source against each peer): the counts are bounded."""
+    def vips(n4: int, n6: int) -> str:
+        addrs = [f"10.1.{i // 250}.{i % 250 + 1}/16" for i in range(n4)]
+        addrs += [f"fd00::{i + 1:x}/64" for i in range(n6)]
+        return "virtual_addresses = [" + ", ".join(f'"{a}"' for a in addrs) + "]"
+
+    v2 = edit(MINIMAL, 'virtual_address = "10.0.0.1/24"', "VIPS")
+    v3_ = edit(V3, 'virtual_addresses = ["10.0.0.1/24", "fd00::1/64"]', "VIPS")
+    assert len(ok(v2.replace("VIPS", vips(255, 0))).vrrp[0].virtual_addresses) == 255
+    assert_error(v2.replace("VIPS", vips(256, 0)), "vrrp[0].virtual_addresses", "virtual_addresses",
+                 ("256 IPv4", "at most 255"))
+    assert len(ok(v3_.replace("VIPS", vips(1, 90))).vrrp[0].virtual_addresses6) == 90
+    assert_error(v3_.replace("VIPS", vips(1, 91)), "vrrp[0].virtual_addresses", "virtual_addresses",
+                 ("91 IPv6", "at most 90", "1500-byte"))
+    # Under v2 IPv6 addresses ride along unadvertised: no bound of the advert's.
+    assert len(ok(v2.replace("VIPS", vips(1, 91))).vrrp[0].virtual_addresses6) == 91
+    peers = ", ".join(f'"10.0.0.{i}"' for i in range(3, 20))
+    assert_error(MINIMAL + f"unicast_peers = [{peers}]\n", "vrrp[0].unicast_peers", "unicast_peers",
+                 ("more than 16 IPv4 peers",))
+
+
 def test_unicast_ipv6_peer_without_ipv6_addresses() -> None:
     text = edit(V3, '["10.0.0.1/24", "fd00::1/64"]', '["10.0.0.1/24"]')
     text += 'unicast_peers = ["10.0.0.3", "fe80::3"]\n'
