@@ -68,7 +68,7 @@ STALL_WARN = 0.25  # a stall longer than this is logged
 # the kernel drops (and counts) the rest.
 FAST_BUDGET = 64
 SLOW_BUDGET = 64
-SLOW_RATE = 20_000  # packets per second decoded from the slow lane, at most
+SLOW_RATE = 20_000  # packets per second decoded from an interface's slow lanes, at most
 RTNL_BUDGET = 64  # rtnetlink datagrams per wake-up
 
 
@@ -128,6 +128,8 @@ class Instance:
     na: NeighbourAdvertiser
     spec: plan.InstanceSpec
     receiver: receive.Receiver
+    # The slow lane's rate limit, one per interface: under VRRPv3 its IPv4 and IPv6
+    # instances share it, so a flood costs what it costs under VRRPv2, whatever it targets.
     slow: _Budget = field(default_factory=lambda: _Budget(SLOW_RATE, SLOW_BUDGET))
     slow_paused: bool = False
     drops: Counter[str] = field(default_factory=Counter)
@@ -258,8 +260,12 @@ class Daemon:
         except OSError:
             sock.close()
             raise
-        return Instance(index, spec.interface, ifindex, sock, garp, na, spec,
+        shared = next((i.slow for i in self.instances if i.ifindex == ifindex), None)
+        inst = Instance(index, spec.interface, ifindex, sock, garp, na, spec,
                         plan.receiver(self.cfg, spec))
+        if shared is not None:
+            inst.slow = shared
+        return inst
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A bug of ours in a callback: log it loudly (it would otherwise go to stderr only)."""
