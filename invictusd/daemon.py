@@ -711,8 +711,9 @@ class Daemon:
                 "real_address": str(p.primary),  # the advert's source (IPv6: link-local)
                 # What this instance moves: its IPv4 addresses, and its IPv6 ones (under
                 # VRRPv2 those ride along unadvertised; under VRRPv3 the IPv6 instance has them).
-                "virtual_addresses": [str(a) for a in spec.garp],
-                "virtual_addresses6": [str(a) for a in spec.neighbour],
+                "virtual_addresses": [str(a) for a in v.virtual_addresses if a.ip in spec.garp],
+                "virtual_addresses6": [str(a) for a in v.virtual_addresses6
+                                       if a.ip in spec.neighbour],
                 "unicast_peers": [str(a) for a in spec.peers],
                 "master_address": str(view.master_address) if view.master_address else None,
                 "master_priority": view.master_priority,
