@@ -17,7 +17,7 @@ from invictusd import flows as F
 from invictusd.io import ctnetlink, rtnl, transcode
 from invictusd.sync import wire
 from invictusd.sync.session import SessionConfig, SyncSession
-from invictusd.vrrp import packet
+from invictusd.vrrp import packet, receive, v3
 
 KEY = bytes(range(32))
 WRONG_KEY = bytes(range(1, 33))
@@ -49,6 +49,44 @@ def vrrp(data: bytes) -> None:
     if adv.auth_type == packet.AUTH_PASSWORD and adv.advert_interval >= 1 and adv.vrid:
         again = packet.decode(packet.encode(adv))
         assert again == adv, (adv, again)
+
+
+VIP6 = ipaddress.IPv6Address("fd10::1")
+RECEIVERS = (
+    receive.Receiver(3, ipaddress.IPv4Address("10.10.0.2"), frozenset(),
+                     expect3=v3.ExpectV3(51, frozenset({VIP}))),
+    receive.Receiver(3, ipaddress.IPv4Address("10.10.0.2"),
+                     frozenset({ipaddress.IPv4Address("10.10.0.3")}),
+                     expect3=v3.ExpectV3(51, frozenset({VIP}))),
+    receive.Receiver(2, ipaddress.IPv4Address("10.10.0.2"), frozenset(), expect2=EXPECT),
+)
+RECEIVER6 = receive.Receiver(3, ipaddress.IPv6Address("fe80::2"), frozenset(),
+                             expect3=v3.ExpectV3(51, frozenset({VIP6})))
+ENDS6 = (ipaddress.IPv6Address("fe80::3"), v3.GROUP6)
+
+
+def vrrp3(data: bytes) -> None:
+    """VRRPv3: an IPv4 packet through every receive pipeline, then the bare message as an
+    IPv4 and as an IPv6 payload (the pseudo-header from fixed addresses)."""
+    for r in RECEIVERS:
+        with contextlib.suppress(packet.PacketError):
+            receive.receive_ip4(r, data)
+    with contextlib.suppress(packet.PacketError):
+        receive.receive_ip6(RECEIVER6, data, *ENDS6, 255)
+    for src, dst in ((ipaddress.IPv4Address("10.10.0.3"), v3.GROUP4), ENDS6):
+        try:
+            adv = v3.decode(data, src, dst)
+        except packet.PacketError:
+            continue
+        if adv.vrid == 0:
+            continue  # decoded (validate refuses it as `vrid`), but never sent: encode refuses it
+        # Symmetric: what decodes re-encodes to the bytes it came from, but for the
+        # checksum's two zeros (RFC 1071): a received 0xffff verifies where we send 0x0000.
+        n = v3.HEADER_LEN + len(adv.addresses) * (4 if src.version == 4 else 16)
+        again = v3.encode(adv, src, dst)
+        if data[6:8] == b"\xff\xff" and again[6:8] == b"\0\0":
+            again = again[:6] + b"\xff\xff" + again[8:]
+        assert again == data[:n], (adv, data[:n].hex(), again.hex())
 
 
 # ---- sync datagrams ---------------------------------------------------------------------
@@ -226,6 +264,7 @@ def ct_transcode(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "vrrp": vrrp,
+    "vrrp3": vrrp3,
     "sync_decode": sync_decode,
     "sync_sealed": sync_sealed,
     "sync_flipped": sync_flipped,
@@ -286,6 +325,11 @@ def seeds(target: str) -> list[bytes]:
         two = packet.encode(packet.Advertisement(52, 254, (VIP, ipaddress.IPv4Address("10.10.0.9")),
                                                  advert_interval=3, auth_data=b"x"))
         return [good, two, _ip_header(good), _ip_header(two, ttl=1), _ip_header(good)[:30]]
+    if target == "vrrp3":
+        src, dst = ipaddress.IPv4Address("10.10.0.3"), v3.GROUP4
+        good = v3.encode(v3.AdvertisementV3(51, 100, (VIP,), 10), src, dst)
+        six = v3.encode(v3.AdvertisementV3(51, 254, (VIP6,), 5), *ENDS6)
+        return [good, six, _ip_header(good), _ip_header(good, ttl=64), _ip_header(good)[:25]]
     if target in ("sync_decode", "sync_flipped"):
         return [*_VALID, bytes([0, 1, 2, 3, 4, 5])]
     if target in ("sync_sealed", "sync_session"):

@@ -28,6 +28,9 @@ TAX, TXA = 0x00, 0x80
 
 # Ancillary loads: ld [SKF_AD_OFF + n].
 SKF_AD_OFF = -0x1000
+# ld [SKF_NET_OFF + n]: byte n of the network header, wherever the socket's data starts (an
+# IPv6 raw socket's data is the payload; its filter reaches the IPv6 header only this way).
+SKF_NET_OFF = -0x100000
 SKF_AD_NLATTR = 12  # A = offset of attribute X in the netlink message, searching from A
 SKF_AD_NLATTR_NEST = 16
 
@@ -79,20 +82,20 @@ def assemble(steps: Sequence[Step]) -> tuple[Insn, ...]:
         raise ProgramError(f"{len(ops)} instructions (1..{MAX_INSNS})")
     out: list[Insn] = []
     for i, op in enumerate(ops):
-        def offset(label: str | None, i: int = i) -> int:
+        def offset(label: str | None, limit: int = 255, i: int = i) -> int:
             if label is None:
                 return 0
             if label not in where:
                 raise ProgramError(f"jump to undefined label {label!r}")
             d = where[label] - i - 1
-            if not 0 <= d <= 255:
-                raise ProgramError(f"jump to {label!r} spans {d} (0..255, forward only)")
+            if not 0 <= d <= limit:
+                raise ProgramError(f"jump to {label!r} spans {d} (0..{limit}, forward only)")
             return d
 
         if op.code & 0x07 == JMP and op.code & 0xF0 != JA:
             out.append(Insn(op.code, offset(op.jt), offset(op.jf), op.k & 0xFFFFFFFF))
-        elif op.code & 0x07 == JMP:  # ja: k is the label's offset
-            out.append(Insn(op.code, 0, 0, offset(op.jt)))
+        elif op.code & 0x07 == JMP:  # ja: k (32 bits) is the label's offset, however far
+            out.append(Insn(op.code, 0, 0, offset(op.jt, MAX_INSNS)))
         else:
             out.append(Insn(op.code, 0, 0, op.k & 0xFFFFFFFF))
     last = out[-1]
@@ -189,6 +192,15 @@ def tax() -> Op:
 
 def and_k(k: int) -> Op:
     return Op(ALU | AND | K, k)
+
+
+def add_k(k: int) -> Op:
+    return Op(ALU | ADD | K, k)
+
+
+def ja(label: str) -> Op:
+    """Jump to ``label`` unconditionally: the one jump that reaches past 255 instructions."""
+    return Op(JMP | JA, 0, label)
 
 
 def jeq(k: int, jt: str | None = None, jf: str | None = None) -> Op:

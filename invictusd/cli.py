@@ -171,21 +171,25 @@ def format_status(s: dict[str, Any]) -> str:
     for v in s["vrrp"]:
         c = v["counters"]
         drops = ", ".join(f"{k} {n}" for k, n in sorted(c["drops"].items())) or "none"
+        proto = f" v{v['version']}/IPv{v['family']}" if v.get("version") == 3 else ""
+        vips = " ".join([*v["virtual_addresses"], *v.get("virtual_addresses6", ())])
         lines.append(
-            f"  {v['interface']:<8} VRID {v['virtual_id']:<3} {v['state']:<6} prio {v['priority']:<3}"
-            f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {' '.join(v['virtual_addresses'])}"
+            f"  {v['interface']:<8} VRID {v['virtual_id']:<3}{proto} {v['state']:<6} prio {v['priority']:<3}"
+            f" {'link up' if v['link_up'] else 'LINK DOWN'}  VIPs {vips}"
             f"  master {v['master_address'] or '-'}  {v['time_in_state']:.1f}s in state"
         )
         lines.append(f"           adverts sent {c['adverts_sent']}, received {c['adverts_received']}"
                      f", drops: {drops}")
     sync = s.get("sync")
     if sync:
-        lc = sync.get("last_commit")
-        commit = f"{lc['entries']} entries in {lc['duration_ms']:.1f} ms" if lc else "none"
+        lt, ho = g.get("last_takeover"), sync.get("last_handover")
+        takeover = (f"addresses in {lt['addresses_ms']:.1f} ms" if lt else "none") + (
+            f", {ho['entries']} inherited entries handed over in {ho['seconds']:.2f} s" if ho else "")
         lines.append(
             f"  sync     peer {sync.get('peer')} link {'up' if sync.get('link_up') else 'DOWN'}"
+            f"  {'synced' if sync.get('synced') else 'NOT SYNCED'}"
             f"  peer entries {sync.get('peer_entries')}  local entries {sync.get('local_entries')}"
-            f"  last commit {commit}"
+            f"  last takeover {takeover}"
         )
         counters = {k: v for k, v in sync.get("counters", {}).items() if v}
         if counters:
@@ -193,8 +197,8 @@ def format_status(s: dict[str, Any]) -> str:
         rates = sync.get("rates") or {}
         lines.append(
             f"           {rates.get('events', 0)} events/s, {rates.get('tx_bytes', 0)} B/s out, "
-            f"queue {sync.get('queue_depth', 0)}, lag {sync.get('lag', 0)}s, "
-            f"{sync.get('bytes_per_entry') or '-'} B per held entry"
+            f"queue {sync.get('queue_depth', 0)}, in flight {sync.get('inflight', 0)}, "
+            f"lag {sync.get('lag', 0)}s"
         )
     loop = s.get("loop", {})
     lines.append(f"  loop     stalls {loop.get('stalls', 0)}, max lag {loop.get('max_lag_ms', 0)} ms")

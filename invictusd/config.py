@@ -18,11 +18,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from invictusd.vrrp.filter import MAX_COUNT, MAX_PEERS
 from invictusd.vrrp.packet import MAX_PASSWORD
 
 IPv4 = ipaddress.IPv4Address
+IPv6 = ipaddress.IPv6Address
 IPv4If = ipaddress.IPv4Interface
 IPv6If = ipaddress.IPv6Interface
+LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+MAX_INTERVAL_V3 = 40.95  # seconds: VRRPv3's 12-bit Max Adver Int in centiseconds
 
 DEFAULT_SOCKET = "/run/invictusd/invictusd.sock"
 DEFAULT_RUNTIME_DIR = "/run/invictusd"
@@ -65,14 +69,23 @@ class VrrpConfig:
     start_as_master: bool
     priority: int
     preempt: bool
-    advert_interval: int
+    advert_interval: float  # seconds; an int under version 2 (whole seconds)
     preempt_delay: float
     garp_repeat: int
     garp_refresh: float
     prefix_given: tuple[bool, ...] = ()
     # Moved with the group and announced by unsolicited neighbour advertisements, but not
     # carried in VRRPv2 adverts (which hold IPv4 only), as keepalived's excluded addresses.
+    # Under version 3 they have their own IPv6 instance, advertised from the link-local.
     virtual_addresses6: tuple[IPv6If, ...] = ()
+    # 2 (RFC 3768) or 3 (RFC 5798); equal in every table. Under 3, advert_interval is in
+    # centiseconds (a float such as 0.1) and the password is not sent.
+    version: int = 2
+    # Adverts go to these addresses only and are accepted only from them (empty: multicast).
+    unicast_peers: tuple[IPv4 | IPv6, ...] = ()
+    # Version 3 with IPv6 addresses: the interface's link-local address, the source of the
+    # IPv6 adverts (filled by check_system).
+    link_local: IPv6 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +207,10 @@ class _Reader:
             raise self.err(key, f"{value} is out of range {lo}..{hi}")
         return value
 
+    def warning(self, key: str, message: str) -> str:
+        """A warning that names the key and its line like an error does (never refuses)."""
+        return str(self.err(key, message))
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -274,10 +291,83 @@ def _interface_addr(r: _Reader, key: str, value: Any) -> IPv4If | IPv6If:
         raise r.err(key, f"{value!r} is not an IPv4 address[/prefix]") from None
 
 
+def _version(r: _Reader) -> int:
+    version: int = r.get("version", int, 2)
+    if version not in (2, 3):
+        raise r.err("version", f"{version} is not a VRRP version spoken here (2 or 3)")
+    return version
+
+
+def _advert_interval(r: _Reader, version: int) -> float:
+    """v2: whole seconds 1..255 (as before); v3: 0.01..40.95 s in whole centiseconds."""
+    if version == 2:
+        raw = r.table.get("advert_interval")
+        if isinstance(raw, float):
+            raise r.err("advert_interval", f"{raw} is not a whole number of seconds: VRRPv2 "
+                        "advertises whole seconds (1..255); sub-second intervals need version = 3")
+        return r.int_in("advert_interval", 1, 255, 1)
+    value = r.number("advert_interval", 0.01, MAX_INTERVAL_V3, 1.0)
+    centis = round(value * 100)
+    if abs(value * 100 - centis) > 1e-6:
+        raise r.err("advert_interval", f"{value} is not a whole number of centiseconds "
+                    "(VRRPv3 carries the interval in 1/100 s, e.g. 0.1 or 0.05)")
+    return centis / 100
+
+
+def _unicast_peers(r: _Reader, version: int, has4: bool, has6: bool) -> tuple[IPv4 | IPv6, ...]:
+    raw = r.get("unicast_peers", list, None)
+    if raw is None:
+        return ()
+    key = "unicast_peers"
+    if not raw:
+        raise r.err(key, "lists no peer (remove the key to advertise by multicast)")
+    peers: list[IPv4 | IPv6] = []
+    for value in raw:
+        if not isinstance(value, str):
+            raise r.err(key, f"must list address strings, got {value!r}")
+        if "%" in value:
+            raise r.err(key, f"{value!r}: give the address without a scope; the table's "
+                        "interface is the scope")
+        try:
+            peer = ipaddress.ip_address(value)
+        except ValueError:
+            raise r.err(key, f"{value!r} is not an IP address") from None
+        if isinstance(peer, IPv6):
+            if version == 2:
+                raise r.err(key, f"{value}: VRRPv2 runs over IPv4 only (IPv6 peers need "
+                            "version = 3)")
+            if peer not in LINK_LOCAL6:
+                raise r.err(key, f"{value}: VRRPv3 over IPv6 is sent from link-local "
+                            "addresses; list the peer's fe80:: address (that is the source "
+                            "checked on receipt)")
+        elif peer.is_multicast or peer.is_unspecified:
+            raise r.err(key, f"{value} is not a unicast address")
+        if peer in peers:
+            raise r.err(key, f"lists {value} twice")
+        peers.append(peer)
+    peers4 = any(isinstance(p, IPv4) for p in peers)
+    peers6 = any(isinstance(p, IPv6) for p in peers)
+    for family, cls in ((4, IPv4), (6, IPv6)):
+        if sum(isinstance(p, cls) for p in peers) > MAX_PEERS:
+            raise r.err(key, f"lists more than {MAX_PEERS} IPv{family} peers (the kernel's "
+                        "receive filter checks the source against each)")
+    if peers4 and not has4:
+        raise r.err(key, "lists IPv4 peers, but the table has no IPv4 virtual address")
+    if has4 and not peers4:
+        raise r.err(key, "lists no IPv4 peer for the IPv4 virtual addresses")
+    if version == 3 and has6 and not peers6:
+        raise r.err(key, "lists no IPv6 (link-local) peer for the IPv6 virtual addresses, "
+                    "which version 3 advertises separately")
+    if peers6 and not has6:
+        raise r.err(key, "lists IPv6 peers, but the table has no IPv6 virtual address")
+    return tuple(peers)
+
+
 def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
     interface = r.get("interface", str)
     if not interface or len(interface) > 15 or "/" in interface or " " in interface:
         raise r.err("interface", f"{interface!r} is not a valid interface name")
+    version = _version(r)
     real = r.get("real_address", str, None)
     real_address = _address(r, "real_address", real) if real is not None else None
 
@@ -292,14 +382,36 @@ def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
     parsed = [(_interface_addr(r, key, v), "/" in v) for v in raw]
     vips = tuple(a for a, _ in parsed if isinstance(a, IPv4If))
     vips6 = tuple(a for a, _ in parsed if isinstance(a, IPv6If))
-    if not vips:
-        raise r.err(key, "needs at least one IPv4 address (VRRPv2 advertises IPv4 addresses)")
+    if not vips and version == 2:
+        raise r.err(key, "needs at least one IPv4 address (VRRPv2 advertises IPv4 addresses; "
+                    "version = 3 advertises IPv6 ones too)")
+    if not vips and real_address is not None:
+        raise r.err("real_address", "is the source of IPv4 adverts, but the table has no IPv4 "
+                    "virtual address")
     if len({a.ip for a, _ in parsed}) != len(parsed):
         raise r.err(key, "lists the same address twice")
+    # One advert carries them all; the kernel's receive filter checks it in a bounded program.
+    if len(vips) > MAX_COUNT[4]:
+        raise r.err(key, f"lists {len(vips)} IPv4 addresses; an advert carries at most "
+                    f"{MAX_COUNT[4]}")
+    if version == 3 and len(vips6) > MAX_COUNT[6]:
+        raise r.err(key, f"lists {len(vips6)} IPv6 addresses; a VRRPv3 advert carries at most "
+                    f"{MAX_COUNT[6]} (it must fit a 1500-byte link)")
     if real_address is not None and any(v.ip == real_address for v in vips):
         raise r.err(key, f"{real_address} is also the real_address")
 
-    password = _password(r, base, warnings)
+    if version == 2:
+        password = _password(r, base, warnings)
+    elif any(k in r.table for k in ("password", "password_file", "password_credential")):
+        password = _password(r, base, warnings)
+        given = next(k for k in ("password", "password_file", "password_credential")
+                     if k in r.table)
+        warnings.append(r.warning(
+            given, "VRRPv3 has no authentication: the password is not sent and authenticates "
+            "nothing; restrict who is heard with unicast_peers (accepted, so that a pair moves "
+            "from version 2 to 3 by changing one key)"))
+    else:
+        password = b""
     start_as_master = r.get("start_as_master", bool, False)
     priority = r.int_in(
         "priority", 1, 254, MASTER_PRIORITY if start_as_master else DEFAULT_PRIORITY
@@ -313,12 +425,14 @@ def _vrrp(r: _Reader, base: Path, warnings: list[str]) -> VrrpConfig:
         start_as_master=start_as_master,
         priority=priority,
         preempt=r.get("preempt", bool, start_as_master),
-        advert_interval=r.int_in("advert_interval", 1, 255, 1),
+        advert_interval=_advert_interval(r, version),
         preempt_delay=r.number("preempt_delay", 0, 3600, 0.0),
         garp_repeat=r.int_in("garp_repeat", 1, 100, 5),
         garp_refresh=r.number("garp_refresh", 0, 86400, 60.0),
         prefix_given=tuple(given for a, given in parsed if isinstance(a, IPv4If)),
         virtual_addresses6=vips6,
+        version=version,
+        unicast_peers=_unicast_peers(r, version, bool(vips), bool(vips6)),
     )
 
 
@@ -369,9 +483,10 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
     if len(key_sources) > 1:
         raise r.err("key_file", "give at most one of key_file, key_credential")
     if not key_sources:
-        # VRRPv2 sends its password in clear in every advert: it can never be the sync key.
-        raise r.err("key_file", "is required: replication needs a key of its own (the VRRP "
-                    f"password travels in clear); {KEYGEN_HINT}")
+        # VRRPv2 sends its password in clear in every advert (VRRPv3 has none): it can never
+        # be the sync key.
+        raise r.err("key_file", "is required: replication needs a key of its own (VRRPv2's "
+                    f"password travels in clear, VRRPv3 has none); {KEYGEN_HINT}")
     ks = key_sources[0]
     key = _read_secret(r, ks, r.get(ks, str), base)
     if len(key) < MIN_KEY:
@@ -470,6 +585,12 @@ def parse(text: str, path: str = "<config>") -> Config:
                 raise vr.err("interface", f"{v.interface!r} is already used by vrrp[{j}]")
             if prev.virtual_id == v.virtual_id:
                 raise vr.err("virtual_id", f"{v.virtual_id} is already used by vrrp[{j}]")
+            if prev.version != v.version:
+                raise vr.err(
+                    "version",
+                    f"{v.version} differs from vrrp[{j}] ({prev.version}); every [[vrrp]] "
+                    "table of a node moves as one group and speaks one VRRP version",
+                )
             if prev.start_as_master != v.start_as_master:
                 raise vr.err(
                     "start_as_master",
@@ -538,6 +659,11 @@ def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
         if link is None:
             raise cfg.error(f"{where}.interface", f"no interface {v.interface!r} on this system")
         own = [a for a in link.addresses if a.ip not in {x.ip for x in v.virtual_addresses}]
+        if not v.virtual_addresses:
+            # Version 3 with IPv6 addresses only: no IPv4 instance, no IPv4 source needed.
+            _check_vips6(cfg, i, v, link)
+            resolved.append(_resolve_link_peers(cfg, i, v, link, None, ()))
+            continue
         if not own:
             raise cfg.error(f"{where}.interface", f"{v.interface} has no IPv4 address of its own")
         if v.real_address is not None:
@@ -564,13 +690,10 @@ def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
             if explicit and vip.network not in nets:
                 raise cfg.error(key, f"{vip} does not match {v.interface}'s subnet {nets[0]}")
             vips.append(vip if explicit else IPv4If(f"{vip.ip}/{nets[0].prefixlen}"))
-        own6 = [a for a in link.addresses6 if a.ip not in {x.ip for x in v.virtual_addresses6}]
-        for vip6 in v.virtual_addresses6:
-            if not any(vip6.network == a.network for a in own6):
-                raise cfg.error(
-                    key, f"{vip6} is not in an IPv6 subnet of {v.interface} "
-                    f"({', '.join(str(a.network) for a in own6) or 'it has none'})"
-                )
+        _check_vips6(cfg, i, v, link)
+        if v.version == 3 or v.unicast_peers:
+            resolved.append(_resolve_link_peers(cfg, i, v, link, real.ip, tuple(vips)))
+            continue
         resolved.append(_replace_vrrp(v, real.ip, tuple(vips)))
     if cfg.sync.enabled:
         link = links.get(cfg.sync.interface)
@@ -589,6 +712,49 @@ def check_system(cfg: Config, links: Mapping[str, LinkInfo]) -> Config:
         if any(peer == a.ip for a in link.addresses):
             raise cfg.error("sync.peer_address", f"{peer} is this node's own address")
     return Config(cfg.path, cfg.node, tuple(resolved), cfg.sync, cfg.lines, cfg.warnings)
+
+
+def _check_vips6(cfg: Config, i: int, v: VrrpConfig, link: LinkInfo) -> None:
+    where = f"vrrp[{i}]"
+    key = f"{where}.virtual_address" if f"{where}.virtual_address" in cfg.lines else (
+        f"{where}.virtual_addresses")
+    own6 = [a for a in link.addresses6 if a.ip not in {x.ip for x in v.virtual_addresses6}]
+    for vip6 in v.virtual_addresses6:
+        if not any(vip6.network == a.network for a in own6):
+            raise cfg.error(
+                key, f"{vip6} is not in an IPv6 subnet of {v.interface} "
+                f"({', '.join(str(a.network) for a in own6) or 'it has none'})"
+            )
+
+
+def _resolve_link_peers(cfg: Config, i: int, v: VrrpConfig, link: LinkInfo, real: IPv4 | None,
+                vips: tuple[IPv4If, ...]) -> VrrpConfig:
+    """The checks of version 3 and unicast_peers: a link-local source, peers on the link."""
+    where = f"vrrp[{i}]"
+    link_local = None
+    if v.version == 3 and v.virtual_addresses6:
+        lls = [a.ip for a in link.addresses6 if a.ip in LINK_LOCAL6]
+        if not lls:
+            raise cfg.error(
+                f"{where}.interface", f"{v.interface} has no IPv6 link-local address: version 3 "
+                "advertises the IPv6 virtual addresses from it (is IPv6 disabled there?)"
+            )
+        link_local = lls[0]
+    own = {a.ip for a in link.addresses} | {a.ip for a in link.addresses6}
+    for peer in v.unicast_peers:
+        if peer in own:
+            raise cfg.error(f"{where}.unicast_peers", f"{peer} is an address of this node's "
+                            f"{v.interface}, not of a peer")
+        # The TTL of 255 is checked on receipt: a peer behind a router can never be heard.
+        if isinstance(peer, IPv4) and not any(peer in a.network for a in link.addresses):
+            raise cfg.error(
+                f"{where}.unicast_peers", f"{peer} is not on {v.interface}'s subnets "
+                f"({', '.join(str(a.network) for a in link.addresses) or 'none'}): adverts "
+                "must arrive with TTL 255, so peers are on the same link"
+            )
+    if real is None:
+        return replace(v, link_local=link_local, prefix_given=())
+    return replace(_replace_vrrp(v, real, vips), link_local=link_local)
 
 
 def _replace_vrrp(v: VrrpConfig, real: IPv4, vips: tuple[IPv4If, ...]) -> VrrpConfig:

@@ -1,9 +1,10 @@
 """Wiring: sockets and timers feed the sans-IO machines; their actions are carried out here.
 
 One asyncio loop (uvloop) runs everything. Adverts go out inline the moment the machine asks
-for them; everything slower (address changes through pyroute2, the replica commit, ARP) is
-done by the ``ActionWorker``, in order and without piling up, so "commit, then addresses,
-then gratuitous ARP" holds without a lock and a slow commit never delays an advert. Every
+for them; everything slower (address changes through pyroute2, ARP) is done by the
+``ActionWorker``, in order and without piling up, so "addresses, then gratuitous ARP"
+holds without a lock and a slow address change never delays an advert. The replica needs
+nothing at takeover: it is in the kernel already (``replication.py``). Every
 reader is bounded per wake-up, so no input keeps the loop from its timers.
 """
 
@@ -19,25 +20,34 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from invictusd import __version__, control, log
-from invictusd.config import Config, ConfigError, IPv4If, IPv6If, LinkInfo, check_system, load
+from invictusd.config import (
+    Config,
+    ConfigError,
+    IPv4If,
+    IPv6,
+    IPv6If,
+    LinkInfo,
+    VrrpConfig,
+    check_system,
+    load,
+)
 from invictusd.installed import Installed, RecordError, read
 from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
 from invictusd.io.markrule import MarkRuleError, remove_table
 from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
+from invictusd.io.vrrp6_socket import Received6, Vrrp6Socket
 from invictusd.io.vrrp_socket import VrrpSocket
 from invictusd.loopmon import LoopMonitor
 from invictusd.notify import Notifier
 from invictusd.replication import ReplicaEnv
-from invictusd.vrrp import packet
-from invictusd.vrrp.filter import LaneSpec
+from invictusd.vrrp import packet, plan, receive
 from invictusd.vrrp.machine import (
     Action,
     AddAddresses,
     AdvertReceived,
     GroupMachine,
     GroupParams,
-    InstanceParams,
     LinkChanged,
     Reconfigure,
     Resume,
@@ -60,7 +70,7 @@ STALL_WARN = 0.25  # a stall longer than this is logged
 # the kernel drops (and counts) the rest.
 FAST_BUDGET = 64
 SLOW_BUDGET = 64
-SLOW_RATE = 20_000  # packets per second decoded from the slow lane, at most
+SLOW_RATE = 20_000  # packets per second decoded from an interface's slow lanes, at most
 RTNL_BUDGET = 64  # rtnetlink datagrams per wake-up
 
 
@@ -82,37 +92,8 @@ class StartError(RuntimeError):
 
 
 def group_params(cfg: Config) -> GroupParams:
-    instances = []
-    for v in cfg.vrrp:
-        assert v.real_address is not None, "check_system fills real_address"
-        instances.append(
-            InstanceParams(v.interface, v.virtual_id, v.priority, v.real_address, v.advert_interval)
-        )
-    first = cfg.vrrp[0]
-    refreshes = [v.garp_refresh for v in cfg.vrrp if v.garp_refresh > 0]
-    return GroupParams(
-        instances=tuple(instances),
-        preempt=first.preempt,
-        preempt_delay=max(v.preempt_delay for v in cfg.vrrp),
-        garp_refresh=min(refreshes) if refreshes else 0.0,
-    )
-
-
-def _expect(cfg: Config, i: int) -> packet.Expect:
-    v = cfg.vrrp[i]
-    return packet.Expect(
-        vrid=v.virtual_id,
-        advert_interval=v.advert_interval,
-        addresses=frozenset(a.ip for a in v.virtual_addresses),
-        auth_type=packet.AUTH_PASSWORD,
-        password=v.password,
-    )
-
-
-def _lane_spec(cfg: Config, i: int) -> LaneSpec:
-    v = cfg.vrrp[i]
-    return LaneSpec(v.virtual_id, len(v.virtual_addresses), packet.AUTH_PASSWORD, v.password,
-                    v.advert_interval)
+    # One machine instance per plan.instances(cfg) entry (per table, and per family under v3).
+    return plan.group_params(cfg)
 
 
 class _Budget:
@@ -138,18 +119,25 @@ class _Budget:
 
 @dataclass
 class Instance:
+    """One machine instance: ``spec.table`` is its [[vrrp]] table (two share one under v3)."""
+
     index: int
     ifname: str
     ifindex: int
-    sock: VrrpSocket
+    sock: VrrpSocket | Vrrp6Socket
     garp: GarpSocket
     na: NeighbourAdvertiser
-    expect: packet.Expect
+    spec: plan.InstanceSpec
+    receiver: receive.Receiver
+    # The slow lane's rate limit, one per interface: under VRRPv3 its IPv4 and IPv6
+    # instances share it, so a flood costs what it costs under VRRPv2, whatever it targets.
     slow: _Budget = field(default_factory=lambda: _Budget(SLOW_RATE, SLOW_BUDGET))
     slow_paused: bool = False
     drops: Counter[str] = field(default_factory=Counter)
     garps_sent: int = 0
     addresses_restored: int = 0
+    # Encoded adverts per priority (each a message per destination): built once, not per send.
+    adverts: dict[int, list[tuple[bytes, str]]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -165,7 +153,8 @@ class Daemon:
         self.machine: GroupMachine | None = None
         self.replica: Replica | None = None
         self._replica_factory = replica_factory
-        self._by_ifindex: dict[int, int] = {}
+        self._by_ifindex: dict[int, list[int]] = {}  # ifindex -> machine instances on it
+        self._table_ifindex: dict[int, int] = {}  # [[vrrp]] table -> ifindex
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._drop_log = log.RateLimit(10.0)
@@ -210,23 +199,21 @@ class Daemon:
         await self._undo_previous_run(ifindex, infos)
         self.installed.start()
 
-        for i, v in enumerate(self.cfg.vrrp):
-            assert v.real_address is not None
-            sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address, _lane_spec(self.cfg, i))
-            garp = GarpSocket(v.interface)
-            na = NeighbourAdvertiser(v.interface, ifindex[v.interface])
-            inst = Instance(i, v.interface, ifindex[v.interface], sock, garp, na, _expect(self.cfg, i))
+        for t, v in enumerate(self.cfg.vrrp):
+            self._table_ifindex[t] = ifindex[v.interface]
+        for i, spec in enumerate(plan.instances(self.cfg)):
+            inst = self._open_instance(i, spec, ifindex[spec.interface])
             self.instances.append(inst)
-            self._by_ifindex[inst.ifindex] = i
-            loop.add_reader(sock.fast.fileno(), self._on_fast_readable, inst)
-            loop.add_reader(sock.slow.fileno(), self._on_slow_readable, inst)
+            self._by_ifindex.setdefault(inst.ifindex, []).append(i)
+            loop.add_reader(inst.sock.fast.fileno(), self._on_fast_readable, inst)
+            loop.add_reader(inst.sock.slow.fileno(), self._on_slow_readable, inst)
         self._rtnl = RtnlMonitor()
         loop.add_reader(self._rtnl.fileno(), self._on_rtnl_readable)
 
         self.machine = GroupMachine(group_params(self.cfg))
-        for i, v in enumerate(self.cfg.vrrp):
-            if not link_up.get(v.interface, False):
-                self._apply(self.machine.handle(LinkChanged(i, False), loop.time()))
+        for inst in self.instances:
+            if not link_up.get(inst.ifname, False):
+                self._apply(self.machine.handle(LinkChanged(inst.index, False), loop.time()))
 
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
@@ -259,6 +246,31 @@ class Daemon:
         )
         self.notifier.ready(self._status_line())
 
+    def _open_instance(self, index: int, spec: plan.InstanceSpec, ifindex: int) -> Instance:
+        """The sockets of one instance: sender and receive lanes (IPv4 or IPv6), ARP, NA."""
+        sock: VrrpSocket | Vrrp6Socket
+        lane, unicast = plan.lane(self.cfg, spec), bool(spec.peers)
+        if isinstance(spec.source, IPv6):
+            sock = Vrrp6Socket(spec.interface, ifindex, spec.source, lane, unicast)
+        else:
+            sock = VrrpSocket(spec.interface, ifindex, spec.source, lane, unicast)
+        try:
+            garp = GarpSocket(spec.interface)
+            try:
+                na = NeighbourAdvertiser(spec.interface, ifindex)
+            except OSError:
+                garp.close()
+                raise
+        except OSError:
+            sock.close()
+            raise
+        shared = next((i.slow for i in self.instances if i.ifindex == ifindex), None)
+        inst = Instance(index, spec.interface, ifindex, sock, garp, na, spec,
+                        plan.receiver(self.cfg, spec))
+        if shared is not None:
+            inst.slow = shared
+        return inst
+
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A bug of ours in a callback: log it loudly (it would otherwise go to stderr only)."""
         self.callback_errors += 1
@@ -284,11 +296,13 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.node.control_socket)
         # Belt and braces: whatever happened before, no virtual address outlives a clean stop.
-        for inst in self.instances:
+        for t, ifindex in self._table_ifindex.items():
+            ifname = self.cfg.vrrp[t].interface
             try:
-                await self._remove(inst, self._wanted(inst.index) + self._recorded(inst))
+                await self._remove(ifname, ifindex, self._wanted(t) + self._recorded(ifname))
             except Exception as e:
-                self.log.error("stop: could not remove addresses", interface=inst.ifname, error=repr(e))
+                self.log.error("stop: could not remove addresses", interface=ifname, error=repr(e))
+        for inst in self.instances:
             for fd in (inst.sock.fast.fileno(), inst.sock.slow.fileno()):
                 loop.remove_reader(fd)
             inst.sock.close()
@@ -359,26 +373,32 @@ class Daemon:
             inst.slow_paused = False
             asyncio.get_running_loop().add_reader(inst.sock.slow.fileno(), self._on_slow_readable, inst)
 
-    def _on_packet(self, inst: Instance, data: bytes) -> None:
+    def _on_packet(self, inst: Instance, data: bytes | Received6) -> None:
         assert self.machine is not None
         try:
-            source, ttl, adv = packet.decode_ip(data)
-            if source == inst.sock.source:
-                raise packet.PacketError(packet.DropReason.OWN, "our own advertisement")
-            packet.validate(ttl, adv, inst.expect)
+            if isinstance(data, Received6):
+                heard = receive.receive_ip6(inst.receiver, data.payload, data.source,
+                                            data.destination, data.hop_limit)
+            else:
+                heard = receive.receive_ip4(inst.receiver, data)
         except packet.PacketError as e:
             inst.drops[e.reason.value] += 1
             if e.reason is not packet.DropReason.OWN:
                 held = self._drop_log.allow((inst.index, e.reason))
                 if held is not None:
-                    self.log.warning(
+                    # Another VRRP version is a misconfigured pair (both end up master): an
+                    # error, not the usual noise of a shared segment.
+                    level = (self.log.error if e.reason is packet.DropReason.VERSION
+                             else self.log.warning)
+                    level(
                         "advert dropped", interface=inst.ifname,
-                        vrid=inst.expect.vrid, reason=e.reason.value, detail=e.detail,
-                        source=_source(data), suppressed=held,
+                        vrid=inst.spec.vrid, family=inst.spec.family, reason=e.reason.value,
+                        detail=e.detail, source=_source(data), suppressed=held,
                     )
             return
         now = asyncio.get_running_loop().time()
-        self._apply(self.machine.handle(AdvertReceived(inst.index, source, adv.priority), now))
+        self._apply(self.machine.handle(
+            AdvertReceived(inst.index, heard.source, heard.priority, heard.interval), now))
 
     def _on_rtnl_readable(self) -> None:
         assert self._rtnl is not None and self.machine is not None
@@ -400,8 +420,7 @@ class Daemon:
                 if isinstance(ev, LinkEvent):
                     if self.replica is not None:
                         self.replica.link_changed(ev.ifindex, ev.up)
-                    i = self._by_ifindex.get(ev.ifindex)
-                    if i is not None:
+                    for i in self._by_ifindex.get(ev.ifindex, ()):
                         self._apply(self.machine.handle(LinkChanged(i, ev.up), now))
                 elif isinstance(ev, AddrEvent) and ev.deleted:
                     self._address_deleted(ev)
@@ -417,17 +436,19 @@ class Daemon:
 
     def _address_deleted(self, ev: AddrEvent) -> None:
         assert self.machine is not None
-        i = self._by_ifindex.get(ev.ifindex)
-        if i is None or self.machine.state is not State.MASTER:
+        on_link = self._by_ifindex.get(ev.ifindex)
+        if not on_link or self.machine.state is not State.MASTER:
             return
-        if any(a.ip == ev.address for a in self._wanted(i)):
-            self.instances[i].addresses_restored += 1
+        first = self.instances[on_link[0]]
+        if any(a.ip == ev.address for a in self._wanted(first.spec.table)):
+            first.addresses_restored += 1
             self.log.warning(
                 "virtual address removed behind our back; restoring",
-                interface=self.instances[i].ifname, address=str(ev.address),
+                interface=first.ifname, address=str(ev.address),
             )
             self.worker.submit(AddAddresses())
-            self.worker.submit(SendGarp(i))
+            for i in on_link:
+                self.worker.submit(SendGarp(i))
 
     # ---- actions -----------------------------------------------------------------------
 
@@ -457,21 +478,21 @@ class Daemon:
             self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
 
     def _send_advert(self, index: int, priority: int) -> None:
-        v = self.cfg.vrrp[index]
-        adv = packet.Advertisement(
-            vrid=v.virtual_id, priority=priority,
-            addresses=tuple(a.ip for a in v.virtual_addresses),
-            advert_interval=v.advert_interval, auth_type=packet.AUTH_PASSWORD,
-            auth_data=v.password,
-        )
-        try:
-            self.instances[index].sock.send(packet.encode(adv))
-        except OSError as e:
-            # A link going down makes sends fail before the link event arrives.
-            self.instances[index].drops["send_error"] += 1
-            held = self._drop_log.allow((index, "send"))
-            if held is not None:
-                self.log.warning("advert not sent", interface=v.interface, error=e.strerror)
+        inst = self.instances[index]
+        adverts = inst.adverts.get(priority)
+        if adverts is None:
+            adverts = [(m, str(d)) for m, d in plan.advert(self.cfg, inst.spec, priority)]
+            inst.adverts[priority] = adverts
+        for message, destination in adverts:
+            try:
+                inst.sock.send(message, destination)
+            except OSError as e:
+                # A link going down makes sends fail before the link event arrives.
+                inst.drops["send_error"] += 1
+                held = self._drop_log.allow((index, "send"))
+                if held is not None:
+                    self.log.warning("advert not sent", interface=inst.ifname,
+                                     destination=destination, error=e.strerror)
 
     def _on_transition(self, t: Transition) -> None:
         assert self.machine is not None
@@ -498,40 +519,45 @@ class Daemon:
             self.installed.removed_table(table)
 
     async def set_addresses(self, present: bool) -> None:
-        """Master: the configured addresses on every interface (and none of an older
-        configuration); otherwise: none of them. Recorded before adding, after removing."""
-        for inst in self.instances:
-            wanted = self._wanted(inst.index)
+        """Master: the configured addresses of every table (both families, whatever instance
+        advertises them) on its interface, and none of an older configuration; otherwise:
+        none of them. Recorded per interface, before adding, after removing."""
+        for t, ifindex in self._table_ifindex.items():
+            ifname = self.cfg.vrrp[t].interface
+            wanted = self._wanted(t)
             if present:
                 keep = {str(a) for a in wanted}
-                stale = [a for a in self._recorded(inst) if str(a) not in keep]
+                stale = [a for a in self._recorded(ifname) if str(a) not in keep]
                 if stale:
-                    await self._remove(inst, stale)
-                self.installed.adding(inst.ifname, [str(a) for a in wanted])
-                await self.links.add(inst.ifindex, wanted)
+                    await self._remove(ifname, ifindex, stale)
+                self.installed.adding(ifname, [str(a) for a in wanted])
+                await self.links.add(ifindex, wanted)
             else:
-                await self._remove(inst, wanted + self._recorded(inst))
+                await self._remove(ifname, ifindex, wanted + self._recorded(ifname))
         if present and self._took_over_at is not None:
             # From the decision to the last address in place: the replica waits for nothing.
             self.last_takeover = {"addresses_ms": round((time.perf_counter() - self._took_over_at) * 1000, 2)}
             self._took_over_at = None
 
-    async def _remove(self, inst: Instance, addrs: list[IPv4If | IPv6If]) -> None:
+    async def _remove(self, ifname: str, ifindex: int, addrs: list[IPv4If | IPv6If]) -> None:
         unique = list({str(a): a for a in addrs}.values())
         if unique:
-            await self.links.remove(inst.ifindex, unique)
-            self.installed.removed(inst.ifname, [str(a) for a in unique])
+            await self.links.remove(ifindex, unique)
+            self.installed.removed(ifname, [str(a) for a in unique])
 
-    def _recorded(self, inst: Instance) -> list[IPv4If | IPv6If]:
-        return [_parse_addr(a) for a in self.installed.addresses_of(inst.ifname)]
+    def _recorded(self, ifname: str) -> list[IPv4If | IPv6If]:
+        return [_parse_addr(a) for a in self.installed.addresses_of(ifname)]
 
     async def announce(self, index: int) -> None:
-        v = self.cfg.vrrp[index]
         inst = self.instances[index]
-        inst.garps_sent += inst.garp.announce([a.ip for a in v.virtual_addresses], repeat=v.garp_repeat)
-        if v.virtual_addresses6:
+        v = self.cfg.vrrp[inst.spec.table]
+        if inst.spec.garp:
+            inst.garps_sent += inst.garp.announce(list(inst.spec.garp), repeat=v.garp_repeat)
+        if inst.spec.neighbour:
+            # RFC 5798 6.4.2: a VRRPv3 master's NAs carry the Router flag.
             inst.garps_sent += inst.na.announce(
-                [a.ip for a in v.virtual_addresses6], inst.garp.mac, repeat=v.garp_repeat
+                list(inst.spec.neighbour), inst.garp.mac, repeat=v.garp_repeat,
+                router=inst.spec.version == 3,
             )
 
     async def resnapshot(self) -> None:
@@ -548,8 +574,9 @@ class Daemon:
     def action_failed(self, what: str, error: BaseException) -> None:
         self.log.error("action failed", action=what, error=repr(error))
 
-    def _wanted(self, index: int) -> list[IPv4If | IPv6If]:
-        v = self.cfg.vrrp[index]
+    def _wanted(self, table: int) -> list[IPv4If | IPv6If]:
+        """Every virtual address of the [[vrrp]] table ``table`` (both families)."""
+        v = self.cfg.vrrp[table]
         return [*v.virtual_addresses, *v.virtual_addresses6]
 
     # ---- commands ----------------------------------------------------------------------
@@ -589,9 +616,11 @@ class Daemon:
                  if (old.virtual_addresses, old.virtual_addresses6)
                  != (v.virtual_addresses, v.virtual_addresses6)]
         self.cfg = new
-        for inst in self.instances:
-            inst.expect = _expect(new, inst.index)
-            inst.sock.update(_lane_spec(new, inst.index))
+        for inst, spec in zip(self.instances, plan.instances(new), strict=True):
+            inst.spec = spec
+            inst.receiver = plan.receiver(new, spec)
+            inst.adverts.clear()
+            inst.sock.update(plan.lane(new, spec))
         now = asyncio.get_running_loop().time()
         self._apply(self.machine.handle(Reconfigure(group_params(new)), now))
         if moved and self.machine.state is State.MASTER:
@@ -672,8 +701,9 @@ class Daemon:
         now = asyncio.get_running_loop().time()
         vrrp = []
         for inst in self.instances:
-            v, p, view = self.cfg.vrrp[inst.index], m.params.instances[inst.index], m.instances[
-                inst.index]
+            spec = inst.spec
+            v, p, view = self.cfg.vrrp[spec.table], m.params.instances[inst.index], (
+                m.instances[inst.index])
             fast, slow = inst.sock.overflows()
             drops = dict(inst.drops)
             if slow:
@@ -683,16 +713,23 @@ class Daemon:
             vrrp.append({
                 "interface": v.interface,
                 "virtual_id": v.virtual_id,
+                "version": spec.version,
+                "family": spec.family,
                 "state": m.state.value,
                 "priority": p.priority,
-                "real_address": str(p.primary),
-                "virtual_addresses": [str(a) for a in v.virtual_addresses],
-                "virtual_addresses6": [str(a) for a in v.virtual_addresses6],
+                "real_address": str(p.primary),  # the advert's source (IPv6: link-local)
+                # What this instance moves: its IPv4 addresses, and its IPv6 ones (under
+                # VRRPv2 those ride along unadvertised; under VRRPv3 the IPv6 instance has them).
+                "virtual_addresses": [str(a) for a in v.virtual_addresses if a.ip in spec.garp],
+                "virtual_addresses6": [str(a) for a in v.virtual_addresses6
+                                       if a.ip in spec.neighbour],
+                "unicast_peers": [str(a) for a in spec.peers],
                 "master_address": str(view.master_address) if view.master_address else None,
                 "master_priority": view.master_priority,
                 "link_up": view.link_up,
                 "advert_interval": v.advert_interval,
-                "master_down_interval": p.master_down_interval,
+                "master_advert_interval": m.master_advert_interval(inst.index),
+                "master_down_interval": m.master_down_interval(inst.index),
                 "time_in_state": round(now - m.since, 3),
                 "socket": {lane: b._asdict() for lane, b in inst.sock.buffers().items()},
                 "counters": {
@@ -748,20 +785,44 @@ def _parse_addr(text: str) -> IPv4If | IPv6If:
     return IPv6If(text) if ":" in text else IPv4If(text)
 
 
-def _source(data: bytes) -> str:
+def _source(data: bytes | Received6) -> str:
+    if isinstance(data, Received6):
+        return str(data.source)
     return ".".join(str(b) for b in data[12:16]) if len(data) >= 20 else "?"
 
 
 def _needs_restart(old: Config, new: Config) -> str:
-    def shape(c: Config) -> Any:
-        return (
-            [(v.interface, v.virtual_id, v.real_address) for v in c.vrrp],
-            c.sync, c.node.control_socket, c.node.runtime_dir,
-        )
+    """What a reload cannot apply (the sockets, the machine's instances depend on it), named;
+    empty if nothing. Addresses, priorities, intervals and passwords are applied live."""
 
-    if shape(old) != shape(new):
-        return ("interfaces, VRIDs, real addresses, the control socket, the runtime directory "
-                "or [sync] changed; these need a restart (systemctl restart invictusd)")
+    def families(v: VrrpConfig) -> tuple[bool, ...]:
+        # Under VRRPv3 each family has an instance of its own (own sockets, timers).
+        return (bool(v.virtual_addresses), bool(v.virtual_addresses6)) if v.version == 3 else ()
+
+    changed: list[str] = []
+    if [v.interface for v in old.vrrp] != [v.interface for v in new.vrrp]:
+        changed.append("the [[vrrp]] interfaces")
+    else:
+        for t, (a, b) in enumerate(zip(old.vrrp, new.vrrp, strict=True)):
+            for what, before, after in (
+                ("virtual_id", a.virtual_id, b.virtual_id),
+                ("real_address", a.real_address, b.real_address),
+                ("version", a.version, b.version),
+                ("unicast_peers", a.unicast_peers, b.unicast_peers),
+                ("link-local address", a.link_local, b.link_local),
+                ("address families (VRRPv3 advertises each from an instance of its own)",
+                 families(a), families(b)),
+            ):
+                if before != after:
+                    changed.append(f"vrrp[{t}] {what}")
+    for what, was, now in (("[sync]", old.sync, new.sync),
+                           ("the control socket", old.node.control_socket, new.node.control_socket),
+                           ("the runtime directory", old.node.runtime_dir, new.node.runtime_dir)):
+        if was != now:
+            changed.append(what)
+    if changed:
+        return (f"{', '.join(changed)} changed; this needs a restart (systemctl restart "
+                "invictusd)")
     return ""
 
 

@@ -53,17 +53,29 @@ def _alu(op: int, a: int, src: int) -> int:
     return v & 0xFFFFFFFF
 
 
-def run(program: Sequence[b.Insn], data: bytes) -> int:
-    """The program's return value for ``data`` (0 = drop)."""
+def run(program: Sequence[b.Insn], data: bytes, network: bytes | None = None) -> int:
+    """The program's return value for ``data`` (0 = drop).
+
+    ``data`` is what the socket's filter sees from offset 0 (``ld len`` is its length).
+    ``network`` is the network header in front of it, when the data starts after it (an
+    IPv6 raw socket sees the payload): loads at ``SKF_NET_OFF + k`` read byte ``k`` of
+    ``network + data`` (without ``network``: of ``data``, which starts at the IPv4 header).
+    """
     a = x = 0
     mem = [0] * 16
     pc = 0
     n = len(data)
+    whole = (network or b"") + data
 
     def load(off: int, size: int) -> int:
         if off < 0 or off + size > n:
             raise Abort
         return int.from_bytes(data[off : off + size], "big")
+
+    def load_net(off: int, size: int) -> int:
+        if off < 0 or off + size > len(whole):
+            raise Abort
+        return int.from_bytes(whole[off : off + size], "big")
 
     try:
         while True:
@@ -83,7 +95,9 @@ def run(program: Sequence[b.Insn], data: bytes) -> int:
                     v = 4 * (load(k, 1) & 0xF)
                 elif mode == b.ABS:
                     kk = k - (1 << 32) if k & 0x80000000 else k
-                    if kk >= b.SKF_AD_OFF + 0 and kk < 0:
+                    if b.SKF_NET_OFF <= kk < b.SKF_AD_OFF:
+                        v = load_net(kk - b.SKF_NET_OFF, width)
+                    elif kk >= b.SKF_AD_OFF + 0 and kk < 0:
                         anc = kk - b.SKF_AD_OFF
                         if anc == b.SKF_AD_NLATTR:
                             v = _nlattr_find(data, a, x)

@@ -51,16 +51,20 @@ class GarpSocket:
 
 ICMPV6_NA = 136
 NA_OVERRIDE = 0x20000000
+NA_ROUTER = 0x80000000
 ALL_NODES = "ff02::1"
 _NA = struct.Struct("!BBHI16sBB6s")
 
 
-def na_message(address: ipaddress.IPv6Address, mac: bytes) -> bytes:
+def na_message(address: ipaddress.IPv6Address, mac: bytes, router: bool = False) -> bytes:
     """Unsolicited neighbour advertisement (RFC 4861 7.2.6), override flag, target LL option.
 
+    ``router`` sets the Router flag, as RFC 5798 6.4.2 asks of a VRRPv3 master (hosts that
+    use the address as their default router keep it in their router list).
     The checksum field is left 0: the kernel fills it in for raw ICMPv6 sockets.
     """
-    return _NA.pack(ICMPV6_NA, 0, 0, NA_OVERRIDE, address.packed, 2, 1, mac)
+    flags = NA_OVERRIDE | (NA_ROUTER if router else 0)
+    return _NA.pack(ICMPV6_NA, 0, 0, flags, address.packed, 2, 1, mac)
 
 
 class NeighbourAdvertiser:
@@ -78,12 +82,14 @@ class NeighbourAdvertiser:
             raise
         self.ifindex = ifindex
 
-    def announce(self, addresses: list[ipaddress.IPv6Address], mac: bytes, repeat: int = 1) -> int:
+    def announce(self, addresses: list[ipaddress.IPv6Address], mac: bytes, repeat: int = 1,
+                 router: bool = False) -> int:
         sent = 0
         for _ in range(repeat):
             for address in addresses:
                 try:
-                    self.sock.sendto(na_message(address, mac), (ALL_NODES, 0, 0, self.ifindex))
+                    message = na_message(address, mac, router)
+                    self.sock.sendto(message, (ALL_NODES, 0, 0, self.ifindex))
                     sent += 1
                 except OSError:
                     pass  # as for ARP: the next burst or refresh retries

@@ -1,11 +1,17 @@
-"""Raw IP protocol 112 sockets for one interface.
+"""Raw IP protocol 112 sockets of one VRRP instance over IPv4 (VRRPv2, or VRRPv3's IPv4 half).
 
 The sender is bound to the real address (so adverts never leave from a virtual address that
-happens to be primary) with TTL 255. Two receivers are tied to the interface and joined to
-224.0.0.18 (a raw socket bound to a unicast address would not see the group); a BPF filter
-on each splits what arrives (``invictusd.vrrp.filter``): the fast lane gets only what looks
-like this router's genuine adverts, the slow lane everything else. A flood therefore fills
-the slow lane's queue, never the one the peer's adverts arrive on.
+happens to be primary) with TTL 255. Two receivers are tied to the interface; a BPF filter on
+each splits what arrives (``invictusd.vrrp.filter``): the fast lane gets only what looks like
+this instance's genuine adverts, the slow lane everything else. A flood therefore fills the
+slow lane's queue, never the one the peer's adverts arrive on.
+
+Multicast: both receivers join 224.0.0.18 (a raw socket bound to a unicast address would not
+see the group). With unicast peers neither joins and both turn ``IP_MULTICAST_ALL`` off, so
+multicast adverts of other routers on the segment are not delivered even when another
+socket of the host joined the group; adverts go to each peer with TTL 255 (``IP_TTL``), and
+the fast lane also requires a listed peer as the source. The IPv6 counterpart (VRRPv3) is
+``invictusd.io.vrrp6_socket``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from invictusd.vrrp.filter import LaneSpec, fast_lane, slow_lane
 from invictusd.vrrp.packet import VRRP_GROUP, VRRP_PROTO, VRRP_TTL
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # linux/in.h
 RECV_SIZE = 2048
 # Queue limits (the kernel charges ~1 KB per queued small packet). The fast lane only ever
 # holds genuine-looking adverts; the slow lane's backlog is junk the rate limit did not read.
@@ -31,8 +38,9 @@ def _mreqn(group: str, local: ipaddress.IPv4Address, ifindex: int) -> bytes:
 
 
 class VrrpSocket:
-    def __init__(self, ifname: str, ifindex: int, source: ipaddress.IPv4Address, spec: LaneSpec) -> None:
-        self.ifname, self.ifindex, self.source = ifname, ifindex, source
+    def __init__(self, ifname: str, ifindex: int, source: ipaddress.IPv4Address, spec: LaneSpec,
+                 unicast: bool = False) -> None:
+        self.ifname, self.ifindex, self.source, self.unicast = ifname, ifindex, source, unicast
         socks: list[socket.socket] = []
         try:
             tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTO)
@@ -43,6 +51,7 @@ class VrrpSocket:
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreq)
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, VRRP_TTL)
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            tx.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, VRRP_TTL)  # unicast peers
             tx.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)  # CS6, network control
             tx.bind((str(source), 0))
             lanes = []
@@ -54,7 +63,13 @@ class VrrpSocket:
                 rx.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
                 rx.setblocking(False)
                 lanes.append((rx, force_buffers(rx, rcvbuf=size)))
-                rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                if unicast:
+                    # Not even another socket's membership (keepalived's, say) brings the
+                    # group's packets here: Linux delivers them to every raw socket unless
+                    # IP_MULTICAST_ALL is off.
+                    rx.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+                else:
+                    rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         except OSError:
             for s in socks:
                 s.close()
@@ -67,8 +82,8 @@ class VrrpSocket:
         attach_filter(self.fast, fast_lane(spec))
         attach_filter(self.slow, slow_lane(spec))
 
-    def send(self, payload: bytes) -> None:
-        self.tx.sendto(payload, (VRRP_GROUP, 0))
+    def send(self, payload: bytes, destination: str = VRRP_GROUP) -> None:
+        self.tx.sendto(payload, (destination, 0))
 
     @staticmethod
     def recv(sock: socket.socket, budget: int) -> list[bytes]:

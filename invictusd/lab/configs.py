@@ -32,9 +32,16 @@ def daemon_config(
     vrrp_extra: dict[str, Any] | None = None,
     sync_extra: dict[str, Any] | None = None,
     interfaces: tuple[str, ...] = ("lan", "wan"),
-    password: str = PASSWORD,
+    password: str | None = PASSWORD,
+    table_extra: dict[str, dict[str, Any]] | None = None,
+    families: tuple[int, ...] = (4, 6),
 ) -> str:
-    """The TOML of ``node`` (fw1 or fw2): LAN and WAN in one group, optional sync."""
+    """The TOML of ``node`` (fw1 or fw2): LAN and WAN in one group, optional sync.
+
+    ``table_extra`` adds keys to one table (``{"lan": {"unicast_peers": [...]}}``);
+    ``families`` picks the virtual addresses (IPv6 ones only when the lab has IPv6);
+    ``password=None`` leaves the key out (VRRPv3 needs none).
+    """
     c = lab.config
     i = 0 if node == "fw1" else 1
     tables = {
@@ -50,17 +57,19 @@ def daemon_config(
     ]
     for which in interfaces:
         ifname, real, vip, vrid, vip6 = tables[which]
-        vips = [f"{vip}/{c.prefix4}"] + ([vip6] if c.ipv6 else [])
+        vips = ([f"{vip}/{c.prefix4}"] if 4 in families else []) + (
+            [vip6] if c.ipv6 and 6 in families else [])
         lines += [
             "[[vrrp]]",
             f'interface = "{ifname}"',
-            f'real_address = "{real}"',
+            *([f'real_address = "{real}"'] if 4 in families else []),
             f"virtual_addresses = {_toml_value(vips)}",
             f"virtual_id = {vrid}",
-            f'password = "{password}"',
+            *([f'password = "{password}"'] if password is not None else []),
             f"start_as_master = {_toml_value(start_as_master)}",
         ]
         lines += [f"{k} = {_toml_value(v)}" for k, v in (vrrp_extra or {}).items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in (table_extra or {}).get(which, {}).items()]
         lines.append("")
     lines += ["[sync]", f"enabled = {_toml_value(sync)}"]
     if sync:

@@ -736,6 +736,15 @@ class Lab:
         data = json.loads(self.exec(node, "ip", "-j", "addr", "show", "dev", ifname))
         return [str(a["local"]) for a in data[0].get("addr_info", []) if a.get("scope") != "link"]
 
+    def link_local(self, node: str, ifname: str) -> str:
+        """The IPv6 link-local address of ``ifname`` (the source of VRRPv3 IPv6 adverts)."""
+        data = json.loads(self.exec(node, "ip", "-j", "-6", "addr", "show", "dev", ifname,
+                                    "scope", "link"))
+        for a in data[0].get("addr_info", []) if data else []:
+            if "local" in a:  # filtered-out addresses show as {}
+                return str(a["local"])
+        raise RuntimeError(f"{node} {ifname} has no IPv6 link-local address")
+
     def arp_entry(self, node: str, ip: str) -> str | None:
         """The MAC ``node`` has for ``ip`` in its neighbour table, or None."""
         data = json.loads(self.exec(node, "ip", "-j", "neigh", "show", ip))

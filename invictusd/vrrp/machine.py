@@ -1,4 +1,4 @@
-"""RFC 3768 section 6.4 state machine for one node's group of virtual routers, sans-IO.
+"""RFC 3768 / RFC 5798 section 6.4 state machine for one node's group of virtual routers, sans-IO.
 
 One ``GroupMachine`` drives every ``[[vrrp]]`` interface of a node. Each interface keeps its
 own RFC timers (Master_Down, Adver_Timer) and sees its own adverts, but the *state* is the
@@ -10,6 +10,14 @@ Equal-priority tie-break (RFC: the higher primary address wins) is taken on the 
 *lead* interface (lowest VRID) whenever the peer has been heard there recently, so two nodes
 whose addresses sort differently on LAN and WAN still agree on one winner instead of each
 winning one interface and flapping (the keepalived sync-group failure mode).
+
+VRRPv3 (RFC 5798) differs in three places, all per instance (``InstanceParams.version``):
+intervals are fractions of a second; Skew_Time scales with the master's interval,
+``(256 - priority) x Master_Adver_Interval / 256``; and a backup adopts the interval the
+master advertises (``AdvertReceived.advert_interval``) as its Master_Adver_Interval. Under
+VRRPv3 an interface carries one instance per address family (IPv4 and IPv6 adverts are
+separate); they belong to the group like any other, and the lead is the lowest
+(VRID, family), IPv4 first.
 
 The machine never reads a clock, sleeps or touches a socket: ``handle(event, now)`` returns
 the actions to perform, in order, and ``next_deadline()`` says when to call ``handle(Tick(),
@@ -24,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 IPv4 = ipaddress.IPv4Address
+IPv6 = ipaddress.IPv6Address
 
 # Time after the first GARP burst at which the second one is sent (neighbours that missed or
 # ignored the first; keepalived does the same with 5 s).
@@ -42,16 +51,28 @@ class InstanceParams:
     interface: str
     vrid: int
     priority: int
-    primary: IPv4
-    advert_interval: int = 1
+    primary: IPv4 | IPv6  # IPv6 (VRRPv3): the interface's link-local address
+    advert_interval: float = 1  # seconds (VRRPv2: whole seconds; VRRPv3: centiseconds)
+    version: int = 2
+    family: int = 4
+
+    def skew_for(self, master_interval: float) -> float:
+        """Skew_Time: RFC 3768 ignores the interval, RFC 5798 scales with the master's."""
+        if self.version == 3:
+            return (256 - self.priority) * master_interval / 256
+        return (256 - self.priority) / 256
+
+    def master_down_for(self, master_interval: float) -> float:
+        """Master_Down_Interval when the master advertises every ``master_interval`` s."""
+        return 3 * master_interval + self.skew_for(master_interval)
 
     @property
     def skew_time(self) -> float:
-        return (256 - self.priority) / 256
+        return self.skew_for(self.advert_interval)
 
     @property
     def master_down_interval(self) -> float:
-        return 3 * self.advert_interval + self.skew_time
+        return self.master_down_for(self.advert_interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +84,9 @@ class GroupParams:
 
     @property
     def lead(self) -> int:
-        return min(range(len(self.instances)), key=lambda i: self.instances[i].vrid)
+        """The tie-break instance: lowest VRID, IPv4 before IPv6 (the same on both nodes)."""
+        return min(range(len(self.instances)),
+                   key=lambda i: (self.instances[i].vrid, self.instances[i].family))
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -84,8 +107,11 @@ class AdvertReceived:
     """A valid advertisement (all section 7.1 checks passed) on instance ``index``."""
 
     index: int
-    source: IPv4
+    source: IPv4 | IPv6
     priority: int
+    # VRRPv3: the interval the sender advertises (seconds), adopted by a backup as its
+    # Master_Adver_Interval. None (VRRPv2): the interval equals ours, checked on receipt.
+    advert_interval: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +208,9 @@ class InstanceView:
     master_down_at: float | None = None
     master_down_why: str = ""
     advert_at: float | None = None
-    master_address: IPv4 | None = None
+    # Master_Adver_Interval (RFC 5798): ours until a VRRPv3 master advertises another.
+    master_advert_interval: float | None = None
+    master_address: IPv4 | IPv6 | None = None
     master_priority: int | None = None
     adverts_sent: int = 0
     adverts_received: int = 0
@@ -190,7 +218,7 @@ class InstanceView:
 
 @dataclass(slots=True)
 class _Peer:
-    address: IPv4
+    address: IPv4 | IPv6
     seen_at: float
 
 
@@ -213,6 +241,7 @@ class GroupMachine:
         if not self.params.instances:
             raise ValueError("a group needs at least one instance")
         self.instances = [InstanceView() for _ in self.params.instances]
+        self.params = _checked(self.params)
 
     # ---- public API --------------------------------------------------------------------
 
@@ -235,6 +264,15 @@ class GroupMachine:
     @property
     def priority(self) -> int:
         return self.params.instances[self.params.lead].priority
+
+    def master_advert_interval(self, index: int) -> float:
+        """The interval this instance expects from the master (adopted under VRRPv3)."""
+        v = self.instances[index].master_advert_interval
+        return v if v is not None else self.params.instances[index].advert_interval
+
+    def master_down_interval(self, index: int) -> float:
+        """Master_Down_Interval now, from the master's interval (RFC 5798) or ours."""
+        return self.params.instances[index].master_down_for(self.master_advert_interval(index))
 
     def preempt_allowed(self, now: float) -> bool:
         if not self.params.preempt or self.stepped_down or self.demoted:
@@ -276,6 +314,7 @@ class GroupMachine:
         self.garp_at = None
         for p, v in zip(self.params.instances, self.instances, strict=True):
             v.advert_at = None
+            v.master_advert_interval = p.advert_interval
             v.master_down_at = now + p.master_down_interval
             v.master_down_why = ""
             if v.master_address == p.primary:
@@ -316,7 +355,7 @@ class GroupMachine:
         for i, v in enumerate(self.instances):
             if v.master_down_at is not None and v.master_down_at <= now:
                 p = self.params.instances[i]
-                why = v.master_down_why or f"no advert for {p.master_down_interval:.3f}s"
+                why = v.master_down_why or f"no advert for {self.master_down_interval(i):.3f}s"
                 self._become_master(f"master down on {p.interface} ({why})", now, out)
                 return
 
@@ -343,12 +382,13 @@ class GroupMachine:
         v.adverts_received += 1
         self._note_peer(ev, now)
         if ev.priority == 0:
-            v.master_down_at = now + p.skew_time
+            v.master_down_at = now + p.skew_for(self.master_advert_interval(ev.index))
             v.master_down_why = f"{ev.source} left with priority 0"
             return
         v.master_address, v.master_priority = ev.source, ev.priority
         if not self.preempt_allowed(now) or ev.priority >= p.priority:
-            v.master_down_at = now + p.master_down_interval
+            self._adopt_interval(ev)
+            v.master_down_at = now + self.master_down_interval(ev.index)
             v.master_down_why = ""
         else:
             v.master_down_why = f"preempting {ev.source} (priority {ev.priority} < {p.priority})"
@@ -372,6 +412,8 @@ class GroupMachine:
                 now, out,
             )
             v.master_address, v.master_priority = ev.source, ev.priority
+            self._adopt_interval(ev)
+            v.master_down_at = now + self.master_down_interval(ev.index)
             return
         # Another master that loses to us: a split brain resolving in our favour. Its
         # neighbours may have learned its MAC for our addresses; announce ourselves again.
@@ -382,6 +424,11 @@ class GroupMachine:
         self.instances[ev.index].adverts_received += 1
         self._note_peer(ev, now)
 
+    def _adopt_interval(self, ev: AdvertReceived) -> None:
+        """RFC 5798 6.4.2/6.4.3: Master_Adver_Interval := the advertised interval."""
+        if ev.advert_interval is not None and self.params.instances[ev.index].version == 3:
+            self.instances[ev.index].master_advert_interval = ev.advert_interval
+
     def _note_peer(self, ev: AdvertReceived, now: float) -> None:
         if ev.index == self.params.lead:
             self._lead_peer = _Peer(ev.source, now)
@@ -391,7 +438,7 @@ class GroupMachine:
         lp = self._lead_peer
         lead_p = self.params.instances[lead]
         if ev.index != lead:
-            if lp is not None and now - lp.seen_at <= lead_p.master_down_interval:
+            if lp is not None and now - lp.seen_at <= self.master_down_interval(lead):
                 return int(lp.address) > int(lead_p.primary)
             # Not heard on the lead yet (both became master in the same instant and this
             # interface's advert came first): a per-interface verdict here can contradict the
@@ -400,11 +447,19 @@ class GroupMachine:
             return False
         return int(ev.source) > int(lead_p.primary)
 
+    def _on_same_link(self, index: int) -> list[InstanceView]:
+        """Every instance on the interface of ``index`` (IPv4 and IPv6 ones under VRRPv3)."""
+        iface = self.params.instances[index].interface
+        return [v for p, v in zip(self.params.instances, self.instances, strict=True)
+                if p.interface == iface]
+
     def _link(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
         v = self.instances[ev.index]
         if v.link_up == ev.up:
             return
-        v.link_up = ev.up
+        # A link is the interface's, whatever the family: no goodbye on a link just lost.
+        for same in self._on_same_link(ev.index):
+            same.link_up = ev.up
         iface = self.params.instances[ev.index].interface
         if not ev.up and self.state is not State.FAULT:
             if self.state is State.MASTER:
@@ -415,7 +470,8 @@ class GroupMachine:
             self._initialize(f"link up: {iface}", now, out)
 
     def _link_init(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
-        self.instances[ev.index].link_up = ev.up
+        for same in self._on_same_link(ev.index):
+            same.link_up = ev.up
 
     def _shutdown(self, ev: Shutdown, now: float, out: list[Action]) -> None:
         if self.state is State.INIT:
@@ -441,9 +497,14 @@ class GroupMachine:
         self.demoted_reason = ev.reason if ev.demoted else ""
 
     def _reconfigure(self, ev: Reconfigure, now: float, out: list[Action]) -> None:
-        old, new = self.params.instances, ev.params.instances
-        if [(p.interface, p.vrid) for p in old] != [(p.interface, p.vrid) for p in new]:
-            raise ValueError("reconfigure cannot change interfaces or VRIDs; restart instead")
+        old, new = self.params.instances, _checked(ev.params).instances
+        if [(p.interface, p.vrid, p.family, p.version) for p in old] != [
+            (p.interface, p.vrid, p.family, p.version) for p in new
+        ]:
+            raise ValueError(
+                "reconfigure cannot change interfaces, VRIDs, families or the VRRP version; "
+                "restart instead"
+            )
         self.params = ev.params
         if self.state is State.MASTER:
             for p, v in zip(new, self.instances, strict=True):
@@ -477,6 +538,21 @@ _rows((_S.BACKUP, _S.MASTER, _S.FAULT), StepDown, GroupMachine._step_down)
 _rows(_ALL, Resume, GroupMachine._resume)
 _rows(_ALL, SetDemoted, GroupMachine._set_demoted)
 _rows(_ALL, Reconfigure, GroupMachine._reconfigure)
+
+
+def _checked(params: GroupParams) -> GroupParams:
+    """Refuse parameters that no configuration can produce (a bug of ours, not input)."""
+    for p in params.instances:
+        if p.version not in (2, 3) or p.family not in (4, 6) or p.primary.version != p.family:
+            raise ValueError(f"instance {p}: version 2|3, family 4|6 matching the primary address")
+        if p.family == 6 and p.version != 3:
+            raise ValueError(f"instance {p}: VRRP over IPv6 needs version 3")
+        if not p.advert_interval > 0:
+            raise ValueError(f"instance {p}: advert_interval must be positive")
+    keys = [(p.vrid, p.family) for p in params.instances]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"instances repeat a (VRID, family): {keys}")
+    return params
 
 
 def with_priority(params: GroupParams, priority: int) -> GroupParams:

@@ -2,7 +2,8 @@
 
 Pure functions over bytes. ``decode`` either returns an ``Advertisement`` or raises
 ``PacketError`` whose ``reason`` is one of the receive-check counters the daemon keeps
-(``DropReason``), so every dropped packet is counted under the check it failed.
+(``DropReason``), so every dropped packet is counted under the check it failed. The VRRPv3
+codec (``invictusd.vrrp.v3``) shares the reasons, the error and the checksum.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class DropReason(enum.StrEnum):
     INTERVAL = "interval"
     ADDRESSES = "addresses"
     OWN = "own_packet"
+    # With unicast_peers: the advert came from an address that is not a listed peer.
+    SOURCE = "source"
 
 
 class PacketError(ValueError):
@@ -104,13 +107,24 @@ def encode(adv: Advertisement) -> bytes:
     return head[:6] + struct.pack("!H", csum) + body
 
 
+def version_error(found: int, expected: int) -> PacketError:
+    """The drop of an advert of the other VRRP version: a peer configured differently."""
+    hint = " (the peer runs another VRRP version: set the same `version` on both nodes)" if (
+        found in (2, 3)) else ""
+    return PacketError(
+        DropReason.VERSION, f"version {found} at offset 0, expected {expected}{hint}"
+    )
+
+
 def decode(data: bytes) -> Advertisement:
     """Parse a VRRP message (without IP header); checks version, type, length, checksum."""
+    # The version first: a VRRPv3 advert is shorter than 16 bytes and must be counted as
+    # the other version, not as truncated.
+    if data and data[0] >> 4 != VERSION:
+        raise version_error(data[0] >> 4, VERSION)
     if len(data) < HEADER_LEN + AUTH_DATA_LEN:
         raise PacketError(DropReason.TRUNCATED, f"{len(data)} bytes, need at least 16")
     ver_type, vrid, priority, count, auth_type, interval, _csum = _HEADER.unpack_from(data)
-    if ver_type >> 4 != VERSION:
-        raise PacketError(DropReason.VERSION, f"version {ver_type >> 4} at offset 0, expected 2")
     if ver_type & 0x0F != TYPE_ADVERTISEMENT:
         raise PacketError(DropReason.TYPE, f"type {ver_type & 0x0F} at offset 0, expected 1")
     expected = HEADER_LEN + 4 * count + AUTH_DATA_LEN
@@ -137,8 +151,18 @@ def decode(data: bytes) -> Advertisement:
     )
 
 
-def decode_ip(packet: bytes) -> tuple[ipaddress.IPv4Address, int, Advertisement]:
-    """Parse an IPv4 packet as a raw socket delivers it: (source, ttl, advertisement)."""
+@dataclass(frozen=True, slots=True)
+class Ip4Header:
+    """What the receive checks need of the IPv4 header a raw socket delivers."""
+
+    source: ipaddress.IPv4Address
+    destination: ipaddress.IPv4Address
+    ttl: int
+    payload: bytes  # the VRRP message, cut to the IP total length
+
+
+def parse_ip4(packet: bytes) -> Ip4Header:
+    """Split an IPv4 packet (as a raw socket delivers it) into header fields and payload."""
     if len(packet) < 20:
         raise PacketError(DropReason.TRUNCATED, f"{len(packet)} bytes, no IPv4 header")
     ihl = (packet[0] & 0x0F) * 4
@@ -149,8 +173,16 @@ def decode_ip(packet: bytes) -> tuple[ipaddress.IPv4Address, int, Advertisement]
     total = struct.unpack_from("!H", packet, 2)[0]
     if ihl <= total <= len(packet):
         packet = packet[:total]
-    source = ipaddress.IPv4Address(packet[12:16])
-    return source, packet[8], decode(packet[ihl:])
+    return Ip4Header(
+        ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20]), packet[8],
+        bytes(packet[ihl:]),
+    )
+
+
+def decode_ip(packet: bytes) -> tuple[ipaddress.IPv4Address, int, Advertisement]:
+    """Parse an IPv4 packet as a raw socket delivers it: (source, ttl, advertisement)."""
+    head = parse_ip4(packet)
+    return head.source, head.ttl, decode(head.payload)
 
 
 @dataclass(frozen=True, slots=True)

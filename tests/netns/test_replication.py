@@ -129,6 +129,9 @@ def test_tcp_udp_plain_and_snat_survive_failover(how: str, measure: Any) -> None
         assert handover["entries"] >= 4, handover
         addresses_ms = wait_for(lambda: pair.status("fw2")["group"]["last_takeover"], 3,
                                 what="fw2's addresses in place")["addresses_ms"]
+        text = lab.exec("fw2", sys.executable, "-m", "invictusd", "status", "--config",
+                        str(pair.configs["fw2"]))  # what an administrator reads
+        assert f"addresses in {addresses_ms:.1f} ms" in text and "handed over" in text, text
         time.sleep(4)
         # Traffic really goes through fw2 now, on the entries its kernel held already.
         assert lab.arp_entry("client", c.lan_vip) == lab.mac("fw2", c.lan_if)
