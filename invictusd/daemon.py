@@ -17,13 +17,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from invictusd import __version__, control, log
+from invictusd import __version__, control, log, metrics
 from invictusd.config import Config, ConfigError, IPv4If, IPv6If, LinkInfo, check_system, load
+from invictusd.hooks import HookJob, HookRunner, environment
+from invictusd.io.checks import CheckRunner
 from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
 from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
 from invictusd.io.vrrp_socket import VrrpSocket
 from invictusd.notify import Notifier
+from invictusd.track import Change
 from invictusd.vrrp import packet
 from invictusd.vrrp.machine import (
     Action,
@@ -45,6 +48,7 @@ from invictusd.vrrp.machine import (
     State,
     StepDown,
     Tick,
+    TrackChanged,
     Transition,
 )
 
@@ -98,6 +102,19 @@ class _Resnapshot:
     """Worker job: re-read link state after an rtnetlink overrun."""
 
 
+@dataclass(frozen=True)
+class _Hook:
+    """Worker job: hand a transition's hook to the hook runner, behind the transition's own
+    work (commit, addresses, gratuitous ARP)."""
+
+    job: HookJob
+
+
+# Group state -> the [hooks] key run on entering it (INIT is only entered by a stop).
+HOOK_FOR = {State.MASTER: "on_master", State.BACKUP: "on_backup", State.FAULT: "on_fault",
+            State.INIT: "on_stop"}
+
+
 @dataclass
 class Instance:
     index: int
@@ -122,7 +139,7 @@ class Daemon:
         self.replica: Replica | None = None
         self._replica_factory = replica_factory
         self._by_ifindex: dict[int, int] = {}
-        self._work: asyncio.Queue[Action | _Resnapshot] = asyncio.Queue()
+        self._work: asyncio.Queue[Action | _Resnapshot | _Hook] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._drop_log = log.RateLimit(10.0)
@@ -132,12 +149,18 @@ class Daemon:
         self.loop_stalls = 0
         self.callback_errors = 0
         self.max_loop_lag = 0.0
+        self.last_loop_lag = 0.0
         self.last_commit: dict[str, Any] | None = None
+        self.checks: CheckRunner | None = None
+        self.hooks = HookRunner(self.log)
+        self._metrics: metrics.MetricsServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         loop.set_exception_handler(self._on_loop_error)
         infos, ifindex, link_up = await self.links.snapshot()
         try:
@@ -166,6 +189,22 @@ class Daemon:
         for i, v in enumerate(self.cfg.vrrp):
             if not link_up.get(v.interface, False):
                 self._apply(self.machine.handle(LinkChanged(i, False), loop.time()))
+        if self.cfg.metrics.listen:
+            try:
+                m = self.cfg.metrics
+                self._metrics = metrics.MetricsServer(m.host, m.port, self._snapshot_from_thread)
+            except OSError as e:
+                err = self.cfg.error("metrics.listen", f"cannot listen on {m.listen}: {e.strerror}")
+                self.log.error("config refused", error=str(err))
+                await self._close()
+                return 2
+        hook_task = asyncio.ensure_future(self.hooks.run())
+        if self.cfg.track:
+            # Every check reports once before the group starts: a node whose uplink check
+            # fails at boot starts in FAULT instead of becoming master for a moment.
+            self.checks = CheckRunner(self.cfg.track, self._on_check_change, self.log)
+            self.checks.start(link_up)
+            await self.checks.first_results(max(t.timeout for t in self.cfg.track) + 0.5)
 
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
@@ -195,9 +234,15 @@ class Daemon:
         await self._stop.wait()
 
         self.notifier.stopping()
+        if self.checks is not None:
+            await self.checks.stop()
         self._apply(self.machine.handle(Shutdown(), loop.time()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work.join(), timeout=10)
+        # on_stop (and any hook still queued) runs before we exit, within its timeout.
+        if not await self.hooks.drain(self.cfg.hooks.timeout + 1):
+            self.log.warning("hooks still queued at exit", queued=self.hooks.queue.qsize())
+        hook_task.cancel()
         worker.cancel()
         heartbeat.cancel()
         await self._close()
@@ -219,6 +264,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if self._timer:
             self._timer.cancel()
+        if self._metrics is not None:
+            await loop.run_in_executor(None, self._metrics.close)
+            self._metrics = None
         if self.replica is not None:
             await self.replica.stop()
         if self._server is not None:
@@ -291,6 +339,8 @@ class Daemon:
         now = asyncio.get_running_loop().time()
         for ev in events:
             if isinstance(ev, LinkEvent):
+                if self.checks is not None and ev.name:
+                    self.checks.link(ev.name, None if ev.deleted else ev.up, now)
                 if self.replica is not None:
                     self.replica.link_changed(ev.ifindex, ev.up)
                 i = self._by_ifindex.get(ev.ifindex)
@@ -303,6 +353,10 @@ class Daemon:
         assert self.machine is not None
         _, _, link_up = await self.links.snapshot()
         now = asyncio.get_running_loop().time()
+        if self.checks is not None:
+            for t in self.cfg.track:
+                if t.interface:
+                    self.checks.link(t.interface, link_up.get(t.interface), now)
         for inst in self.instances:
             up = link_up.get(self.cfg.vrrp[inst.index].interface, False)
             self._apply(self.machine.handle(LinkChanged(inst.index, up), now))
@@ -326,13 +380,19 @@ class Daemon:
     # ---- actions -----------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        hooks: list[_Hook] = []
         for a in actions:
             if isinstance(a, SendAdvert):
                 self._send_advert(a.index, a.priority)
             elif isinstance(a, Transition):
                 self._on_transition(a)
+                job = self._hook_job(a)
+                if job is not None:
+                    hooks.append(_Hook(job))
             else:
                 self._work.put_nowait(a)
+        for h in hooks:
+            self._work.put_nowait(h)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -370,9 +430,12 @@ class Daemon:
         assert self.machine is not None
         level = self.log.warning if t.new in (State.FAULT,) or t.old is State.MASTER else (
             self.log.info)
+        extra: dict[str, Any] = {"priority": self.machine.priority}
+        if self.machine.track_faults or self.machine.track_delta:
+            extra["tracks_down"] = list(self.checks.tracker.verdict().down) if self.checks else []
         for v in self.cfg.vrrp:
             level("state change", old=t.old.value, new=t.new.value, reason=t.reason,
-                  interface=v.interface, vrid=v.virtual_id)
+                  interface=v.interface, vrid=v.virtual_id, kind="transition", **extra)
         if self.replica is not None:
             if t.new is State.MASTER:
                 self.replica.became_master()
@@ -390,9 +453,11 @@ class Daemon:
             finally:
                 self._work.task_done()
 
-    async def _run_action(self, action: Action | _Resnapshot) -> None:
+    async def _run_action(self, action: Action | _Resnapshot | _Hook) -> None:
         assert self.machine is not None
-        if isinstance(action, CommitReplica):
+        if isinstance(action, _Hook):
+            self.hooks.submit(action.job)
+        elif isinstance(action, CommitReplica):
             if self.replica is not None:
                 self.last_commit = await self.replica.commit()
         elif isinstance(action, AddAddresses):
@@ -416,6 +481,35 @@ class Daemon:
                 )
         elif isinstance(action, _Resnapshot):
             await self._resnapshot()
+
+    def _hook_job(self, t: Transition) -> HookJob | None:
+        assert self.machine is not None
+        hook = HOOK_FOR.get(t.new)
+        argv: tuple[str, ...] = getattr(self.cfg.hooks, hook) if hook else ()
+        if hook is None or not argv:
+            return None
+        m = self.machine
+        env = environment(
+            hook=hook, state="stop" if t.new is State.INIT else t.new.value,
+            old_state=t.old.value, reason=t.reason, node=self.cfg.node.name,
+            vips=[str(a) for i in range(len(self.cfg.vrrp)) for a in self._vips(i)],
+            interfaces=[v.interface for v in self.cfg.vrrp],
+            vrids=[v.virtual_id for v in self.cfg.vrrp], priority=m.priority,
+            track_down=self.checks.tracker.verdict().down if self.checks else (),
+            sequence=m.transitions,
+        )
+        return HookJob(hook, argv, env, self.cfg.hooks.timeout, asyncio.get_running_loop().time())
+
+    def _on_check_change(self, change: Change) -> None:
+        assert self.machine is not None
+        before = self.machine.priority
+        v = change.verdict
+        now = asyncio.get_running_loop().time()
+        self._apply(self.machine.handle(TrackChanged(v.faults, v.delta, change.reason), now))
+        if self.machine.priority != before:
+            self.log.warning(
+                "priority changed", old=before, new=self.machine.priority, reason=change.reason,
+                check=change.name, tracks_down=list(v.down), kind="priority")
 
     def _vips(self, index: int) -> list[IPv4If | IPv6If]:
         v = self.cfg.vrrp[index]
@@ -476,6 +570,8 @@ class Daemon:
             return {"ok": True}
         if cmd == "reload":
             return await self.reload()
+        if cmd == "metrics":
+            return {"ok": True, "text": metrics.render(self.status()).decode()}
         if cmd == "tables":
             if self.replica is None:
                 return {"ok": False, "error": "replication is not enabled ([sync] enabled = false)"}
@@ -498,6 +594,7 @@ class Daemon:
             now = loop.time()
             lag = now - expected
             expected = now + HEARTBEAT
+            self.last_loop_lag = lag
             self.max_loop_lag = max(self.max_loop_lag, lag)
             if lag > STALL_WARN:
                 self.loop_stalls += 1
@@ -551,6 +648,8 @@ class Daemon:
             "uptime": round(time.time() - self._started_wall, 3),
             "group": {
                 "state": m.state.value,
+                "priority": m.priority,
+                "base_priority": m.base.instances[m.params.lead].priority if m.base else None,
                 "preempt": m.params.preempt,
                 "stepped_down": m.stepped_down,
                 "demoted": m.demoted,
@@ -559,9 +658,25 @@ class Daemon:
             },
             "vrrp": vrrp,
             "sync": self.replica.status() if self.replica is not None else None,
+            "track": {
+                "priority_delta": m.track_delta,
+                "faults": list(m.track_faults),
+                "checks": self.checks.status(now) if self.checks is not None else [],
+            },
+            "hooks": self.hooks.status(self.cfg.hooks),
+            "metrics": {"listen": self.cfg.metrics.listen or None},
             "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1),
+                     "lag_ms": round(max(self.last_loop_lag, 0.0) * 1000, 1),
                      "callback_errors": self.callback_errors},
         }
+
+    async def _status_now(self) -> dict[str, Any]:
+        return self.status()
+
+    def _snapshot_from_thread(self) -> dict[str, Any]:
+        """A status snapshot for the metrics server's thread, taken on the event loop."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._status_now(), self._loop).result(timeout=5)
 
 
 def _source(data: bytes) -> str:
@@ -572,12 +687,12 @@ def _needs_restart(old: Config, new: Config) -> str:
     def shape(c: Config) -> Any:
         return (
             [(v.interface, v.virtual_id, v.virtual_addresses, v.real_address) for v in c.vrrp],
-            c.sync, c.node.control_socket,
+            c.sync, c.node.control_socket, c.track, c.metrics,
         )
 
     if shape(old) != shape(new):
-        return ("interfaces, VRIDs, addresses, the control socket or [sync] changed; "
-                "these need a restart (systemctl restart invictusd)")
+        return ("interfaces, VRIDs, addresses, the control socket, [sync], [[track]] or "
+                "[metrics] changed; these need a restart (systemctl restart invictusd)")
     return ""
 
 

@@ -32,6 +32,7 @@ def daemon_config(
     sync_extra: dict[str, Any] | None = None,
     interfaces: tuple[str, ...] = ("lan", "wan"),
     password: str = PASSWORD,
+    extra: str = "",
 ) -> str:
     """The TOML of ``node`` (fw1 or fw2): LAN and WAN in one group, optional sync."""
     c = lab.config
@@ -68,7 +69,8 @@ def daemon_config(
             "mark_bit = 30",
         ]
         lines += [f"{k} = {_toml_value(v)}" for k, v in (sync_extra or {}).items()]
-    return "\n".join(lines) + "\n"
+    # More tables ([[track]], [hooks], [metrics]...), as TOML text.
+    return "\n".join(lines) + "\n" + (f"\n{extra.strip()}\n" if extra.strip() else "")
 
 
 def control_socket(lab: Lab, node: str) -> str:
