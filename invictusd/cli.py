@@ -1,4 +1,5 @@
-"""Command line: run | check | status | metrics | step-down | resume | reload | cleanup | demo."""
+"""Command line: run | check | status | metrics | step-down | resume | reload | cleanup | keygen |
+demo."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from invictusd import __version__
 
 DEFAULT_CONFIG = "/etc/invictusd/invictusd.toml"
+DEFAULT_KEY = "/etc/invictusd/sync.key"
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -42,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("cleanup", help="remove virtual addresses and the mark rule (ExecStopPost)")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p = sub.add_parser("cleanup", help="undo what the daemon installed: addresses, the mark rule "
+                       "(ExecStopPost; from the record in the runtime directory)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help="only used to find [node] runtime_dir; it need not be valid")
+    p.add_argument("--runtime-dir", default=None, help="the runtime directory (overrides --config)")
+
+    p = sub.add_parser("keygen", help="write a new random sync key (mode 600) for [sync] key_file")
+    p.add_argument("--output", "-o", default=DEFAULT_KEY, help=f"where to write it (default {DEFAULT_KEY})")
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
 
     p = sub.add_parser("demo", help="build a namespace lab, show an election and a failover")
     p.add_argument("--keep", action="store_true", help="wait for Enter before tearing down")
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     handler = {
         "run": _run, "check": _check, "status": _status, "metrics": _metrics, "step-down": _simple,
-        "resume": _simple, "reload": _simple, "cleanup": _cleanup, "demo": _demo,
+        "resume": _simple, "reload": _simple, "cleanup": _cleanup, "keygen": _keygen, "demo": _demo,
     }[args.command]
     return handler(args)
 
@@ -258,36 +267,95 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    """Undo what the record in the runtime directory lists (ExecStopPost, after any end)."""
     import asyncio
 
-    from invictusd.config import ConfigError, check_system
+    from invictusd.config import runtime_dir_of
+    from invictusd.installed import RecordError, read
     from invictusd.io.links import Links
+    from invictusd.io.markrule import MarkRuleError, remove_table
 
-    cfg = _load(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
+    rundir = args.runtime_dir or runtime_dir_of(args.config)
+    try:
+        record = read(rundir)
+    except RecordError as e:
+        print(f"invictusd: cleanup: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    done: list[str] = []
+    failed: list[str] = []
     links = Links()
 
-    async def go() -> list[str]:
-        infos, ifindex, _ = await links.snapshot()
-        resolved = check_system(cfg, infos)
-        removed: list[str] = []
-        for v in resolved.vrrp:
-            removed += await links.remove(ifindex[v.interface], list(v.virtual_addresses))
-        return removed
+    async def addresses() -> None:
+        _, ifindex, _ = await links.snapshot()
+        for ifname, addrs in record.addresses.items():
+            if ifname not in ifindex:
+                done.append(f"{ifname} (interface gone)")
+                continue
+            for a in addrs:  # item by item: one failure never stops the rest
+                try:
+                    removed = await links.remove(ifindex[ifname], [_interface_address(a)])
+                    done.append(f"{a} on {ifname}" + ("" if removed else " (already gone)"))
+                except Exception as e:
+                    failed.append(f"{a} on {ifname}: {e}")
 
     try:
-        removed = asyncio.run(go())
-    except ConfigError as e:
-        print(f"invictusd: cleanup: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        if any(record.addresses.values()):
+            asyncio.run(addresses())
+    except Exception as e:
+        failed.append(f"addresses: {e}")
     finally:
         links.close()
-    if cfg.sync.enabled and cfg.sync.install_mark_rule:
-        from invictusd.io.markrule import remove_mark_rule
+    for table in record.nft_tables:
+        try:
+            remove_table(table)
+            done.append(f"nft table {table}")
+        except MarkRuleError as e:
+            failed.append(f"nft table {table}: {e}")
+    if not failed:
+        from pathlib import Path
 
-        remove_mark_rule()
-    print("cleanup: removed " + (", ".join(removed) if removed else "nothing"))
+        (Path(rundir) / "installed.json").unlink(missing_ok=True)
+    print("cleanup: removed " + (", ".join(done) if done else "nothing")
+          + f" (record {rundir}/installed.json)")
+    for f in failed:
+        print(f"invictusd: cleanup: could not remove {f}", file=sys.stderr)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _interface_address(text: str) -> Any:
+    import ipaddress
+
+    return ipaddress.ip_interface(text)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    """A fresh 256-bit key as 64 hex characters; the key itself is never printed."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    path = Path(args.output)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() and not args.force:
+            print(f"invictusd: keygen: {path} exists; use --force to replace it "
+                  "(and copy the new key to the peer)", file=sys.stderr)
+            return EXIT_ERROR
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(32) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"invictusd: keygen: cannot write {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote a new 256-bit sync key to {path} (mode 600)\n"
+          "Both firewalls need the same key. Copy it to the peer over a trusted channel, e.g.\n"
+          f"    scp -p {path} root@PEER:{path}\n"
+          f"and set  key_file = \"{path}\"  in the [sync] table of both configurations.")
     return EXIT_OK
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
-import hmac
 import ipaddress
 import os
 import re
@@ -30,11 +28,19 @@ IPv4If = ipaddress.IPv4Interface
 IPv6If = ipaddress.IPv6Interface
 
 DEFAULT_SOCKET = "/run/invictusd/invictusd.sock"
+DEFAULT_RUNTIME_DIR = "/run/invictusd"
 DEFAULT_PRIORITY = 100
 MASTER_PRIORITY = 150
 DEFAULT_SYNC_PORT = 3781
 DEFAULT_MARK_BIT = 30
 MAX_SECRET_FILE = 4096  # bytes; a password or key file is far smaller
+MIN_KEY = 16  # bytes of sync key
+# Keys whose value is a secret: an error about them never shows the value.
+SECRET_KEYS = frozenset({"password"})
+KEYGEN_HINT = (
+    "create one with `invictusd keygen --output /etc/invictusd/sync.key`, copy it to the "
+    "peer and set key_file on both firewalls"
+)
 
 
 class ConfigError(ValueError):
@@ -68,6 +74,8 @@ class ConfigError(ValueError):
 class NodeConfig:
     name: str
     control_socket: str
+    # Where the daemon records what it installs (addresses, rules) for cleanup to undo.
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +106,16 @@ class SyncConfig:
     mark_bit: int = DEFAULT_MARK_BIT
     port: int = DEFAULT_SYNC_PORT
     key: bytes = field(default=b"", repr=False)
-    key_source: str = ""  # "key_file", "key_credential" or "derived from the vrrp password"
+    key_source: str = ""  # "key_file" or "key_credential" (never the key itself)
     install_mark_rule: bool = True
     flush_ms: float = 0.0
     resync_interval: float = 0.0  # 0 = only on start, overrun, gap or digest mismatch
     rcvbuf_mb: int = 64
     commit_timeout_min: int = 60
+    preempt_hold_max: float = 0.0  # 0: preemption waits for the peer's table however long
+    # What the receiver accepts from the peer: anything else is dropped and counted.
+    zones: frozenset[int] = frozenset({0})
+    families: frozenset[int] = frozenset({4})
 
     @property
     def mark_mask(self) -> int:
@@ -250,7 +262,8 @@ class _Reader:
         wrong = not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds)
         if wrong:
             names = " or ".join(k.__name__ for k in kinds)
-            self.report(self.err(key, f"must be {names}, got {type(value).__name__} {value!r}"))
+            shown = "" if key in SECRET_KEYS else f" {value!r}"
+            self.report(self.err(key, f"must be {names}, got {type(value).__name__}{shown}"))
             return fallback
         return value
 
@@ -283,8 +296,12 @@ class _Reader:
             self.report(self.err(key, f"unknown key{hint}"))
 
 
-def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[str]) -> bytes:
-    """Read a secret from a file (``*_file``) or a systemd credential (``*_credential``)."""
+def _read_secret(r: _Reader, key: str, value: str, base: Path) -> bytes:
+    """Read a secret from a file (``*_file``) or a systemd credential (``*_credential``).
+
+    A secret file that group or others can read, or that neither root nor the user running
+    invictusd owns, is refused: someone else could read or replace the secret.
+    """
     if key.endswith("_credential"):
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -293,10 +310,12 @@ def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[st
     else:
         path = Path(value) if Path(value).is_absolute() else base / value
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
         # A device or FIFO (/dev/zero, /dev/stdin) would be read without end or block start-up.
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(st.st_mode):
             raise r.err(key, f"cannot read {path}: not a regular file")
+        if key.endswith("_file"):
+            _check_private(r, key, path, st)
         with path.open("rb") as f:
             data = f.read(MAX_SECRET_FILE + 1)
     except OSError as e:
@@ -307,9 +326,23 @@ def _read_secret(r: _Reader, key: str, value: str, base: Path, warnings: list[st
         raise r.err(key, f"cannot read {str(path)!r}: {e}") from None
     if len(data) > MAX_SECRET_FILE:
         raise r.err(key, f"{path} is over {MAX_SECRET_FILE} bytes; not a key file")
-    if key.endswith("_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        warnings.append(f"{path} ({r.where}.{key}) is readable by group or others; chmod 600 it")
     return data.rstrip(b"\r\n")
+
+
+def _private_problem(path: Path, st: os.stat_result) -> str:
+    """Why ``path`` is not private enough to hold a secret ("" if it is)."""
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (f"{path} is readable or writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {st.st_uid}, not root; chown root it"
+    return ""
+
+
+def _check_private(r: _Reader, key: str, path: Path, st: os.stat_result) -> None:
+    problem = _private_problem(path, st)
+    if problem:
+        raise r.err(key, f"refusing a secret file: {problem}")
 
 
 def _address(r: _Reader, key: str, value: Any) -> IPv4:
@@ -405,7 +438,7 @@ def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
     key = sources[0]
     value = r.get(key, str)
     secret: bytes = (
-        value.encode() if key == "password" else _read_secret(r, key, value, base, warnings)
+        value.encode() if key == "password" else _read_secret(r, key, value, base)
     )
     if not secret:
         raise r.err(key, "is empty")
@@ -422,6 +455,7 @@ def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
 SYNC_KEYS = frozenset({
     "enabled", "interface", "peer_address", "mark_bit", "port", "key_file", "key_credential",
     "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "commit_timeout_min",
+    "zones", "families", "preempt_hold_max",
 })
 
 
@@ -442,21 +476,16 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
     key_sources = [k for k in ("key_file", "key_credential") if k in r.table]
     if len(key_sources) > 1:
         raise r.err("key_file", "give at most one of key_file, key_credential")
-    if key_sources:
-        ks = key_sources[0]
-        key = _read_secret(r, ks, r.get(ks, str), base, warnings)
-        if len(key) < 16:
-            raise r.err(ks, f"key is {len(key)} bytes; use at least 16 (e.g. 32 random bytes)")
-        source = ks
-    else:
-        # Derived from the pool password so a two-box setup works out of the box; a password
-        # of 8 characters is a weak key, so say so.
-        password = vrrp[0].password if vrrp else b""  # no valid [[vrrp]]: already an error
-        key = hmac.digest(b"invictusd sync key v1", password, hashlib.sha256)
-        source = "derived from the vrrp password"
-        warnings.append(
-            "sync key derived from the VRRP password; set [sync] key_file for a strong key"
-        )
+    if not key_sources:
+        # VRRPv2 sends its password in clear in every advert: it can never be the sync key.
+        raise r.err("key_file", "is required: replication needs a key of its own (the VRRP "
+                    f"password travels in clear); {KEYGEN_HINT}")
+    ks = key_sources[0]
+    key = _read_secret(r, ks, r.get(ks, str), base)
+    if len(key) < MIN_KEY:
+        raise r.err(ks, f"key is {len(key)} bytes; use at least {MIN_KEY} ({KEYGEN_HINT})")
+    zones = _zones(r)
+    families = _families(r, vrrp)
     return SyncConfig(
         enabled=True,
         interface=interface,
@@ -464,7 +493,7 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         mark_bit=r.int_in("mark_bit", 0, 31, DEFAULT_MARK_BIT),
         port=r.int_in("port", 1, 65535, DEFAULT_SYNC_PORT),
         key=key,
-        key_source=source,
+        key_source=ks,
         install_mark_rule=r.get("install_mark_rule", bool, True),
         # 0: a lone event leaves at once; a burst still fills datagrams, because events are
         # read in batches per wake-up (measured lag p50 6 ms -> see README benchmarks).
@@ -472,7 +501,31 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         resync_interval=r.number("resync_interval", 0, 86400 * 7, 0.0),
         rcvbuf_mb=r.int_in("rcvbuf_mb", 1, 2048, 64),
         commit_timeout_min=r.int_in("commit_timeout_min", 1, 86400, 60),
+        preempt_hold_max=r.number("preempt_hold_max", 0, 86400 * 7, 0.0),
+        zones=zones,
+        families=families,
     )
+
+
+def _zones(r: _Reader) -> frozenset[int]:
+    raw = r.get("zones", list, [0])
+    if not raw or not all(isinstance(z, int) and not isinstance(z, bool) and 0 <= z <= 0xFFFF
+                          for z in raw):
+        raise r.err("zones", "must be a non-empty list of conntrack zones 0..65535")
+    return frozenset(raw)
+
+
+_FAMILIES = {"ipv4": 4, "ipv6": 6}
+
+
+def _families(r: _Reader, vrrp: Sequence[VrrpConfig]) -> frozenset[int]:
+    """Address families replicated: by default IPv4, plus IPv6 when a group moves IPv6
+    addresses (without one, IPv6 flows through this pair cannot fail over anyway)."""
+    uses6 = any(v.virtual_addresses6 for v in vrrp)
+    raw = r.get("families", list, ["ipv4", "ipv6"] if uses6 else ["ipv4"])
+    if not raw or not all(isinstance(f, str) and f in _FAMILIES for f in raw):
+        raise r.err("families", 'must be a non-empty list of "ipv4", "ipv6"')
+    return frozenset(_FAMILIES[f] for f in raw)
 
 
 def _vip_set(v: VrrpConfig) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -480,7 +533,7 @@ def _vip_set(v: VrrpConfig) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 TOP_KEYS = frozenset({"node", "vrrp", "sync", "track", "hooks", "metrics"})
-NODE_KEYS = frozenset({"name", "control_socket"})
+NODE_KEYS = frozenset({"name", "control_socket", "runtime_dir"})
 
 
 def parse(text: str, path: str = "<config>") -> Config:
@@ -503,6 +556,7 @@ def parse(text: str, path: str = "<config>") -> Config:
     node = NodeConfig(
         name=nr.get("name", str, os.uname().nodename),
         control_socket=nr.get("control_socket", str, DEFAULT_SOCKET),
+        runtime_dir=nr.get("runtime_dir", str, DEFAULT_RUNTIME_DIR),
     )
     nr.finish()
 
@@ -718,18 +772,19 @@ def _metrics(r: _Reader) -> MetricsConfig:
 def load(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
-        mode = p.stat().st_mode
+        st = p.stat()
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(p), None, "file", f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(p), None, "file", f"not UTF-8: {e}") from None
-    cfg = parse(text, str(p))
-    has_secret = any(re.match(r"\s*password\s*=", line) for line in text.splitlines())
-    if has_secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        warning = f"{p} holds a password and is readable by group or others; chmod 600 it"
-        cfg = replace(cfg, warnings=(*cfg.warnings, warning))
-    return cfg
+    # Before anything else: a secret others can read is refused whatever else is wrong.
+    inline = sorted((line, key) for key, line in _key_lines(text).items() if key.endswith(".password"))
+    problem = _private_problem(p, st) if inline else ""
+    if problem:
+        line, key = inline[0]
+        raise ConfigError(str(p), line, key, f"refusing a config file that holds a password: {problem}")
+    return parse(text, str(p))
 
 
 # ---- checks against the system ------------------------------------------------------------
@@ -836,3 +891,15 @@ def _check_sync(cfg: Config, links: Mapping[str, LinkInfo]) -> None:
 
 def _replace_vrrp(v: VrrpConfig, real: IPv4, vips: tuple[IPv4If, ...]) -> VrrpConfig:
     return replace(v, real_address=real, virtual_addresses=vips, prefix_given=(True,) * len(vips))
+
+
+def runtime_dir_of(path: str | os.PathLike[str]) -> str:
+    """``[node] runtime_dir`` of the file at ``path``, read leniently: cleanup must find the
+    record of installed state even when the file no longer validates (or no longer parses:
+    then the default)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        value = data.get("node", {}).get("runtime_dir", DEFAULT_RUNTIME_DIR)
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_RUNTIME_DIR
+    return value if isinstance(value, str) and value else DEFAULT_RUNTIME_DIR

@@ -1,9 +1,10 @@
 """Wiring: sockets and timers feed the sans-IO machines; their actions are carried out here.
 
 One asyncio loop (uvloop) runs everything. Adverts go out inline the moment the machine asks
-for them; everything slower (address changes through pyroute2, the replica commit, ARP) runs
-in order on one worker task, so "commit, then addresses, then gratuitous ARP" holds without a
-lock and a slow commit never delays an advert.
+for them; everything slower (address changes through pyroute2, the replica commit, ARP) is
+done by the ``ActionWorker``, in order and without piling up, so "commit, then addresses,
+then gratuitous ARP" holds without a lock and a slow commit never delays an advert. Every
+reader is bounded per wake-up, so no input keeps the loop from its timers.
 """
 
 from __future__ import annotations
@@ -20,25 +21,27 @@ from typing import Any, Protocol
 from invictusd import __version__, control, log, metrics
 from invictusd.config import Config, ConfigError, IPv4If, IPv6If, LinkInfo, check_system, load
 from invictusd.hooks import HookJob, HookRunner, environment
+from invictusd.installed import Installed, RecordError, read
 from invictusd.io.checks import CheckRunner
 from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
+from invictusd.io.markrule import MarkRuleError, remove_table
 from invictusd.io.rtnl import AddrEvent, LinkEvent, RtnlMonitor
 from invictusd.io.vrrp_socket import VrrpSocket
+from invictusd.loopmon import LoopMonitor
 from invictusd.notify import Notifier
 from invictusd.track import Change
 from invictusd.vrrp import packet
+from invictusd.vrrp.filter import LaneSpec
 from invictusd.vrrp.machine import (
     Action,
     AddAddresses,
     AdvertReceived,
-    CommitReplica,
     GroupMachine,
     GroupParams,
     InstanceParams,
     LinkChanged,
     Reconfigure,
-    RemoveAddresses,
     Resume,
     SendAdvert,
     SendGarp,
@@ -51,9 +54,21 @@ from invictusd.vrrp.machine import (
     TrackChanged,
     Transition,
 )
+from invictusd.worker import ActionWorker
+
+# Group state -> the [hooks] key run on entering it (INIT is only entered by a stop).
+HOOK_FOR = {State.MASTER: "on_master", State.BACKUP: "on_backup", State.FAULT: "on_fault",
+            State.INIT: "on_stop"}
 
 HEARTBEAT = 0.25  # event-loop lag probe period (s); lateness, not the period, reveals a stall
-STALL_WARN = 0.25  # a lag above this is logged as a stall
+STALL_WARN = 0.25  # a stall longer than this is logged
+# Packets read per wake-up. The fast lane holds only genuine-looking adverts; the slow lane
+# (everything else) is also rate-limited, so a flood costs a bounded share of a core and
+# the kernel drops (and counts) the rest.
+FAST_BUDGET = 64
+SLOW_BUDGET = 64
+SLOW_RATE = 20_000  # packets per second decoded from the slow lane, at most
+RTNL_BUDGET = 64  # rtnetlink datagrams per wake-up
 
 
 class Replica(Protocol):
@@ -65,8 +80,13 @@ class Replica(Protocol):
     def became_backup(self) -> None: ...
     def link_changed(self, ifindex: int, up: bool) -> None: ...
     def status(self) -> dict[str, Any]: ...
-    def tables(self) -> dict[str, Any]: ...
+    async def tables(self) -> dict[str, Any]: ...
+    def test_hook(self, request: dict[str, Any]) -> dict[str, Any]: ...
     async def stop(self) -> None: ...
+
+
+class StartError(RuntimeError):
+    """The daemon cannot run as configured (the message says why)."""
 
 
 def group_params(cfg: Config) -> GroupParams:
@@ -97,32 +117,44 @@ def _expect(cfg: Config, i: int) -> packet.Expect:
     )
 
 
-@dataclass(frozen=True)
-class _Resnapshot:
-    """Worker job: re-read link state after an rtnetlink overrun."""
+def _lane_spec(cfg: Config, i: int) -> LaneSpec:
+    v = cfg.vrrp[i]
+    return LaneSpec(v.virtual_id, len(v.virtual_addresses), packet.AUTH_PASSWORD, v.password,
+                    v.advert_interval)
 
 
-@dataclass(frozen=True)
-class _Hook:
-    """Worker job: hand a transition's hook to the hook runner, behind the transition's own
-    work (commit, addresses, gratuitous ARP)."""
+class _Budget:
+    """Token bucket: at most ``rate`` items per second, in bursts of at most ``burst``."""
 
-    job: HookJob
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.at = time.monotonic()
 
+    def take(self, want: int) -> int:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        got = min(want, int(self.tokens))
+        self.tokens -= got
+        return got
 
-# Group state -> the [hooks] key run on entering it (INIT is only entered by a stop).
-HOOK_FOR = {State.MASTER: "on_master", State.BACKUP: "on_backup", State.FAULT: "on_fault",
-            State.INIT: "on_stop"}
+    def wait(self) -> float:
+        """Seconds until one item may be taken."""
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 @dataclass
 class Instance:
     index: int
+    ifname: str
     ifindex: int
     sock: VrrpSocket
     garp: GarpSocket
     na: NeighbourAdvertiser
     expect: packet.Expect
+    slow: _Budget = field(default_factory=lambda: _Budget(SLOW_RATE, SLOW_BUDGET))
+    slow_paused: bool = False
     drops: Counter[str] = field(default_factory=Counter)
     garps_sent: int = 0
     addresses_restored: int = 0
@@ -134,12 +166,14 @@ class Daemon:
         self.log = log.get(node=cfg.node.name)
         self.notifier = Notifier()
         self.links = Links()
+        self.installed = Installed(cfg.node.runtime_dir)
+        self.monitor = LoopMonitor()
+        self.worker = ActionWorker(self)
         self.instances: list[Instance] = []
         self.machine: GroupMachine | None = None
         self.replica: Replica | None = None
         self._replica_factory = replica_factory
         self._by_ifindex: dict[int, int] = {}
-        self._work: asyncio.Queue[Action | _Resnapshot | _Hook] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._drop_log = log.RateLimit(10.0)
@@ -149,10 +183,12 @@ class Daemon:
         self.loop_stalls = 0
         self.callback_errors = 0
         self.max_loop_lag = 0.0
+        self.last_stall: dict[str, Any] | None = None
         self.last_loop_lag = 0.0
         self.last_commit: dict[str, Any] | None = None
         self.checks: CheckRunner | None = None
         self.hooks = HookRunner(self.log)
+        self._hook_task: asyncio.Future[None] | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -162,26 +198,47 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._loop = loop
         loop.set_exception_handler(self._on_loop_error)
-        infos, ifindex, link_up = await self.links.snapshot()
+        loop.set_task_factory(self.monitor.task_factory)
         try:
-            self.cfg = check_system(self.cfg, infos)
-        except ConfigError as e:
-            self.log.error("config refused", error=str(e))
-            self.links.close()
-            return 2
+            await self._start(loop)
+        except (ConfigError, StartError, OSError) as e:
+            self.log.error("cannot start", error=str(e))
+            await self._close()
+            return 2 if isinstance(e, ConfigError) else 1
+        await self._stop.wait()
+
+        self.notifier.stopping()
+        assert self.machine is not None
+        if self.checks is not None:
+            await self.checks.stop()
+        self._apply(self.machine.handle(Shutdown(), loop.time()))
+        if not await self.worker.drain(10):
+            self.log.error("shutdown: address removal did not finish in 10 s")
+        # on_stop (and any hook still queued) runs before we exit, within its timeout.
+        if not await self.hooks.drain(self.cfg.hooks.timeout + 1):
+            self.log.warning("hooks still queued at exit", queued=self.hooks.queue.qsize())
+        await self._close()
+        self.log.info("stopped")
+        return 0
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        infos, ifindex, link_up = await self.links.snapshot()
+        self.cfg = check_system(self.cfg, infos)
         for w in self.cfg.warnings:
             self.log.warning("config warning", detail=w)
-        await self._remove_stale(ifindex, infos)
+        await self._undo_previous_run(ifindex, infos)
+        self.installed.start()
 
         for i, v in enumerate(self.cfg.vrrp):
             assert v.real_address is not None
-            sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address)
+            sock = VrrpSocket(v.interface, ifindex[v.interface], v.real_address, _lane_spec(self.cfg, i))
             garp = GarpSocket(v.interface)
             na = NeighbourAdvertiser(v.interface, ifindex[v.interface])
-            inst = Instance(i, ifindex[v.interface], sock, garp, na, _expect(self.cfg, i))
+            inst = Instance(i, v.interface, ifindex[v.interface], sock, garp, na, _expect(self.cfg, i))
             self.instances.append(inst)
             self._by_ifindex[inst.ifindex] = i
-            loop.add_reader(sock.fileno(), self._on_vrrp_readable, inst)
+            loop.add_reader(sock.fast.fileno(), self._on_fast_readable, inst)
+            loop.add_reader(sock.slow.fileno(), self._on_slow_readable, inst)
         self._rtnl = RtnlMonitor()
         loop.add_reader(self._rtnl.fileno(), self._on_rtnl_readable)
 
@@ -189,16 +246,14 @@ class Daemon:
         for i, v in enumerate(self.cfg.vrrp):
             if not link_up.get(v.interface, False):
                 self._apply(self.machine.handle(LinkChanged(i, False), loop.time()))
-        if self.cfg.metrics.listen:
+        m = self.cfg.metrics
+        if m.listen:
             try:
-                m = self.cfg.metrics
                 self._metrics = metrics.MetricsServer(m.host, m.port, self._snapshot_from_thread)
             except OSError as e:
-                err = self.cfg.error("metrics.listen", f"cannot listen on {m.listen}: {e.strerror}")
-                self.log.error("config refused", error=str(err))
-                await self._close()
-                return 2
-        hook_task = asyncio.ensure_future(self.hooks.run())
+                raise self.cfg.error("metrics.listen",
+                                     f"cannot listen on {m.listen}: {e.strerror}") from None
+        self._hook_task = asyncio.ensure_future(self.hooks.run())
         if self.cfg.track:
             # Every check reports once before the group starts: a node whose uplink check
             # fails at boot starts in FAULT instead of becoming master for a moment.
@@ -209,7 +264,10 @@ class Daemon:
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
             assert self.replica is not None
-            await self.replica.start(self)
+            try:
+                await self.replica.start(self)
+            except Exception as e:
+                raise StartError(f"replication: {e}") from e
 
         self._server = await control.serve(self.cfg.node.control_socket, self._control)
         for sig, fn in (
@@ -220,34 +278,17 @@ class Daemon:
             (signal.SIGUSR2, self.dump),
         ):
             loop.add_signal_handler(sig, fn)
-        worker = asyncio.ensure_future(self._worker())
-        heartbeat = asyncio.ensure_future(self._heartbeat())
+        self.worker.start()
+        self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
 
         self._apply(self.machine.handle(Startup(), loop.time()))
         self.log.info(
             "started", version=__version__, interfaces=[v.interface for v in self.cfg.vrrp],
             state=self.machine.state.value, priority=self.machine.priority,
             preempt=self.machine.params.preempt, sync=self.cfg.sync.enabled,
+            runtime_dir=self.cfg.node.runtime_dir,
         )
         self.notifier.ready(self._status_line())
-
-        await self._stop.wait()
-
-        self.notifier.stopping()
-        if self.checks is not None:
-            await self.checks.stop()
-        self._apply(self.machine.handle(Shutdown(), loop.time()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.join(), timeout=10)
-        # on_stop (and any hook still queued) runs before we exit, within its timeout.
-        if not await self.hooks.drain(self.cfg.hooks.timeout + 1):
-            self.log.warning("hooks still queued at exit", queued=self.hooks.queue.qsize())
-        hook_task.cancel()
-        worker.cancel()
-        heartbeat.cancel()
-        await self._close()
-        self.log.info("stopped")
-        return 0
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A bug of ours in a callback: log it loudly (it would otherwise go to stderr only)."""
@@ -264,9 +305,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if self._timer:
             self._timer.cancel()
+        await self.worker.stop()
+        if self.checks is not None:
+            await self.checks.stop()
+        if self._hook_task is not None:
+            self._hook_task.cancel()
         if self._metrics is not None:
             await loop.run_in_executor(None, self._metrics.close)
             self._metrics = None
+        if hasattr(self, "_heartbeat_task"):
+            self._heartbeat_task.cancel()
         if self.replica is not None:
             await self.replica.stop()
         if self._server is not None:
@@ -275,34 +323,79 @@ class Daemon:
                 os.unlink(self.cfg.node.control_socket)
         # Belt and braces: whatever happened before, no virtual address outlives a clean stop.
         for inst in self.instances:
-            await self.links.remove(inst.ifindex, self._vips(inst.index))
-            loop.remove_reader(inst.sock.fileno())
+            try:
+                await self._remove(inst, self._wanted(inst.index) + self._recorded(inst))
+            except Exception as e:
+                self.log.error("stop: could not remove addresses", interface=inst.ifname, error=repr(e))
+            for fd in (inst.sock.fast.fileno(), inst.sock.slow.fileno()):
+                loop.remove_reader(fd)
             inst.sock.close()
             inst.garp.close()
             inst.na.close()
         if self._rtnl is not None:
             loop.remove_reader(self._rtnl.fileno())
             self._rtnl.close()
+        if self.installed.state.empty:
+            self.installed.discard()
         self.links.close()
 
-    async def _remove_stale(self, ifindex: dict[str, int], infos: dict[str, LinkInfo]) -> None:
-        """A previous run killed with SIGKILL leaves its addresses: we start as backup."""
+    async def _undo_previous_run(self, ifindex: dict[str, int], infos: dict[str, LinkInfo]) -> None:
+        """A previous run killed with SIGKILL leaves what it installed: remove it first (its
+        record, and any of our configured addresses); we start as backup."""
+        try:
+            previous = read(self.cfg.node.runtime_dir)
+        except RecordError as e:
+            self.log.error("ignoring an unreadable record of a previous run", error=str(e))
+            previous = None
+        leftovers: dict[str, set[str]] = {}
+        if previous is not None:
+            for ifname, addrs in previous.addresses.items():
+                leftovers.setdefault(ifname, set()).update(addrs)
         for i, v in enumerate(self.cfg.vrrp):
             info = infos[v.interface]
             present = {a.ip for a in info.addresses} | {a.ip for a in info.addresses6}
-            stale = [a for a in self._vips(i) if a.ip in present]
-            if stale:
-                await self.links.remove(ifindex[v.interface], stale)
-                self.log.warning(
-                    "removed virtual addresses left by a previous run",
-                    interface=v.interface, addresses=[str(a) for a in stale],
-                )
+            leftovers.setdefault(v.interface, set()).update(
+                str(a) for a in self._wanted(i) if a.ip in present)
+        for ifname, stale in leftovers.items():
+            if not stale or ifname not in ifindex:
+                continue
+            removed = await self.links.remove(ifindex[ifname], [_parse_addr(a) for a in sorted(stale)])
+            if removed:
+                self.log.warning("removed virtual addresses left by a previous run",
+                                 interface=ifname, addresses=removed)
+        for table in previous.nft_tables if previous is not None else ():
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, remove_table, table)
+                self.log.warning("removed an nft table left by a previous run", table=table)
+            except MarkRuleError as e:
+                self.log.error("could not remove an nft table left by a previous run",
+                               table=table, error=str(e))
 
     # ---- inputs ------------------------------------------------------------------------
 
-    def _on_vrrp_readable(self, inst: Instance) -> None:
-        while (data := inst.sock.recv()) is not None:
-            self._on_packet(inst, data)
+    def _on_fast_readable(self, inst: Instance) -> None:
+        with self._timed("vrrp fast lane"):
+            for data in inst.sock.recv(inst.sock.fast, FAST_BUDGET):
+                self._on_packet(inst, data)
+
+    def _on_slow_readable(self, inst: Instance) -> None:
+        with self._timed("vrrp slow lane"):
+            grant = inst.slow.take(SLOW_BUDGET)
+            if grant:
+                for data in inst.sock.recv(inst.sock.slow, grant):
+                    self._on_packet(inst, data)
+            if grant < SLOW_BUDGET:
+                # Rate limit reached: stop reading this lane for a moment; the kernel queues
+                # (and past its limit drops and counts) what arrives meanwhile.
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(inst.sock.slow.fileno())
+                inst.slow_paused = True
+                loop.call_later(max(inst.slow.wait(), 0.01), self._resume_slow, inst)
+
+    def _resume_slow(self, inst: Instance) -> None:
+        if inst.slow_paused and inst.sock.slow.fileno() >= 0:
+            inst.slow_paused = False
+            asyncio.get_running_loop().add_reader(inst.sock.slow.fileno(), self._on_slow_readable, inst)
 
     def _on_packet(self, inst: Instance, data: bytes) -> None:
         assert self.machine is not None
@@ -317,7 +410,7 @@ class Daemon:
                 held = self._drop_log.allow((inst.index, e.reason))
                 if held is not None:
                     self.log.warning(
-                        "advert dropped", interface=self.cfg.vrrp[inst.index].interface,
+                        "advert dropped", interface=inst.ifname,
                         vrid=inst.expect.vrid, reason=e.reason.value, detail=e.detail,
                         source=_source(data), suppressed=held,
                     )
@@ -327,60 +420,59 @@ class Daemon:
 
     def _on_rtnl_readable(self) -> None:
         assert self._rtnl is not None and self.machine is not None
-        try:
-            events = self._rtnl.read()
-        except OverflowError:
-            self.log.warning("rtnetlink overrun; re-reading link state")
-            self._work.put_nowait(_Resnapshot())
-            return
-        except ValueError as e:
-            self.log.error("rtnetlink message not understood", error=str(e))
-            return
-        now = asyncio.get_running_loop().time()
-        for ev in events:
-            if isinstance(ev, LinkEvent):
-                if self.checks is not None and ev.name:
-                    self.checks.link(ev.name, None if ev.deleted else ev.up, now)
-                if self.replica is not None:
-                    self.replica.link_changed(ev.ifindex, ev.up)
-                i = self._by_ifindex.get(ev.ifindex)
-                if i is not None:
-                    self._apply(self.machine.handle(LinkChanged(i, ev.up), now))
-            elif isinstance(ev, AddrEvent) and ev.deleted:
-                self._address_deleted(ev)
+        with self._timed("rtnetlink"):
+            try:
+                events = self._rtnl.read(RTNL_BUDGET)
+            except OverflowError:
+                self.log.warning("rtnetlink overrun: link or address changes were lost; "
+                                 "re-reading link and address state")
+                # libuv stops watching a socket whose poll reported an error: watch it again.
+                asyncio.get_running_loop().call_soon(self._rearm_rtnl)
+                self.worker.resnapshot()
+                return
+            except ValueError as e:
+                self.log.error("rtnetlink message not understood", error=str(e))
+                return
+            now = asyncio.get_running_loop().time()
+            for ev in events:
+                if isinstance(ev, LinkEvent):
+                    if self.checks is not None and ev.name:
+                        self.checks.link(ev.name, None if ev.deleted else ev.up, now)
+                    if self.replica is not None:
+                        self.replica.link_changed(ev.ifindex, ev.up)
+                    i = self._by_ifindex.get(ev.ifindex)
+                    if i is not None:
+                        self._apply(self.machine.handle(LinkChanged(i, ev.up), now))
+                elif isinstance(ev, AddrEvent) and ev.deleted:
+                    self._address_deleted(ev)
 
-    async def _resnapshot(self) -> None:
-        assert self.machine is not None
-        _, _, link_up = await self.links.snapshot()
-        now = asyncio.get_running_loop().time()
-        if self.checks is not None:
-            for t in self.cfg.track:
-                if t.interface:
-                    self.checks.link(t.interface, link_up.get(t.interface), now)
-        for inst in self.instances:
-            up = link_up.get(self.cfg.vrrp[inst.index].interface, False)
-            self._apply(self.machine.handle(LinkChanged(inst.index, up), now))
-        if self.machine.state is State.MASTER:
-            self._work.put_nowait(AddAddresses())
+    def _rearm_rtnl(self) -> None:
+        if self._rtnl is None:
+            return
+        loop = asyncio.get_running_loop()
+        fd = self._rtnl.fileno()
+        loop.remove_reader(fd)
+        loop.add_reader(fd, self._on_rtnl_readable)
+        self._on_rtnl_readable()
 
     def _address_deleted(self, ev: AddrEvent) -> None:
         assert self.machine is not None
         i = self._by_ifindex.get(ev.ifindex)
         if i is None or self.machine.state is not State.MASTER:
             return
-        if any(a.ip == ev.address for a in self._vips(i)):
+        if any(a.ip == ev.address for a in self._wanted(i)):
             self.instances[i].addresses_restored += 1
             self.log.warning(
                 "virtual address removed behind our back; restoring",
-                interface=self.cfg.vrrp[i].interface, address=str(ev.address),
+                interface=self.instances[i].ifname, address=str(ev.address),
             )
-            self._work.put_nowait(AddAddresses())
-            self._work.put_nowait(SendGarp(i))
+            self.worker.submit(AddAddresses())
+            self.worker.submit(SendGarp(i))
 
     # ---- actions -----------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
-        hooks: list[_Hook] = []
+        hooks: list[HookJob] = []
         for a in actions:
             if isinstance(a, SendAdvert):
                 self._send_advert(a.index, a.priority)
@@ -388,11 +480,13 @@ class Daemon:
                 self._on_transition(a)
                 job = self._hook_job(a)
                 if job is not None:
-                    hooks.append(_Hook(job))
+                    hooks.append(job)
             else:
-                self._work.put_nowait(a)
-        for h in hooks:
-            self._work.put_nowait(h)
+                self.worker.submit(a)
+        # After the transition's own work was handed to the worker: each hook waits for the
+        # worker to finish it (see _hook_job).
+        for job in hooks:
+            self.hooks.submit(job)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -406,8 +500,9 @@ class Daemon:
 
     def _on_timer(self) -> None:
         assert self.machine is not None
-        self._timer = None
-        self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
+        with self._timed("vrrp timer"):
+            self._timer = None
+            self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
 
     def _send_advert(self, index: int, priority: int) -> None:
         v = self.cfg.vrrp[index]
@@ -443,62 +538,67 @@ class Daemon:
                 self.replica.became_backup()
         self.notifier.status(self._status_line())
 
-    async def _worker(self) -> None:
-        while True:
-            action = await self._work.get()
-            try:
-                await self._run_action(action)
-            except Exception as e:  # an I/O failure must not stop the daemon
-                self.log.error("action failed", action=type(action).__name__, error=repr(e))
-            finally:
-                self._work.task_done()
+    # ---- what the worker does (ActionWorker's Target) -------------------------------------
 
-    async def _run_action(self, action: Action | _Resnapshot | _Hook) -> None:
-        assert self.machine is not None
-        if isinstance(action, _Hook):
-            self.hooks.submit(action.job)
-        elif isinstance(action, CommitReplica):
-            if self.replica is not None:
-                self.last_commit = await self.replica.commit()
-        elif isinstance(action, AddAddresses):
-            # The machine may have moved on while we waited: only add if still master.
-            if self.machine.state is State.MASTER:
-                for inst in self.instances:
-                    await self.links.add(inst.ifindex, self._vips(inst.index))
-        elif isinstance(action, RemoveAddresses):
-            if self.machine.state is not State.MASTER:
-                for inst in self.instances:
-                    await self.links.remove(inst.ifindex, self._vips(inst.index))
-        elif isinstance(action, SendGarp) and self.machine.state is State.MASTER:
-            v = self.cfg.vrrp[action.index]
-            inst = self.instances[action.index]
-            inst.garps_sent += inst.garp.announce(
-                [a.ip for a in v.virtual_addresses], repeat=v.garp_repeat
+    def is_master(self) -> bool:
+        return self.machine is not None and self.machine.state is State.MASTER
+
+    async def commit(self) -> None:
+        if self.replica is not None:
+            self.last_commit = await self.replica.commit()
+
+    async def set_addresses(self, present: bool) -> None:
+        """Master: the configured addresses on every interface (and none of an older
+        configuration); otherwise: none of them. Recorded before adding, after removing."""
+        for inst in self.instances:
+            wanted = self._wanted(inst.index)
+            if present:
+                keep = {str(a) for a in wanted}
+                stale = [a for a in self._recorded(inst) if str(a) not in keep]
+                if stale:
+                    await self._remove(inst, stale)
+                self.installed.adding(inst.ifname, [str(a) for a in wanted])
+                await self.links.add(inst.ifindex, wanted)
+            else:
+                await self._remove(inst, wanted + self._recorded(inst))
+
+    async def _remove(self, inst: Instance, addrs: list[IPv4If | IPv6If]) -> None:
+        unique = list({str(a): a for a in addrs}.values())
+        if unique:
+            await self.links.remove(inst.ifindex, unique)
+            self.installed.removed(inst.ifname, [str(a) for a in unique])
+
+    def _recorded(self, inst: Instance) -> list[IPv4If | IPv6If]:
+        return [_parse_addr(a) for a in self.installed.addresses_of(inst.ifname)]
+
+    async def announce(self, index: int) -> None:
+        v = self.cfg.vrrp[index]
+        inst = self.instances[index]
+        inst.garps_sent += inst.garp.announce([a.ip for a in v.virtual_addresses], repeat=v.garp_repeat)
+        if v.virtual_addresses6:
+            inst.garps_sent += inst.na.announce(
+                [a.ip for a in v.virtual_addresses6], inst.garp.mac, repeat=v.garp_repeat
             )
-            if v.virtual_addresses6:
-                inst.garps_sent += inst.na.announce(
-                    [a.ip for a in v.virtual_addresses6], inst.garp.mac, repeat=v.garp_repeat
-                )
-        elif isinstance(action, _Resnapshot):
-            await self._resnapshot()
 
-    def _hook_job(self, t: Transition) -> HookJob | None:
+    async def resnapshot(self) -> None:
+        """After an rtnetlink overrun: read link state again, and put back any address of
+        ours that went missing while we could not see it."""
         assert self.machine is not None
-        hook = HOOK_FOR.get(t.new)
-        argv: tuple[str, ...] = getattr(self.cfg.hooks, hook) if hook else ()
-        if hook is None or not argv:
-            return None
-        m = self.machine
-        env = environment(
-            hook=hook, state="stop" if t.new is State.INIT else t.new.value,
-            old_state=t.old.value, reason=t.reason, node=self.cfg.node.name,
-            vips=[str(a) for i in range(len(self.cfg.vrrp)) for a in self._vips(i)],
-            interfaces=[v.interface for v in self.cfg.vrrp],
-            vrids=[v.virtual_id for v in self.cfg.vrrp], priority=m.priority,
-            track_down=self.checks.tracker.verdict().down if self.checks else (),
-            sequence=m.transitions,
-        )
-        return HookJob(hook, argv, env, self.cfg.hooks.timeout, asyncio.get_running_loop().time())
+        _, _, link_up = await self.links.snapshot()
+        now = asyncio.get_running_loop().time()
+        if self.checks is not None:
+            for t in self.cfg.track:
+                if t.interface:
+                    self.checks.link(t.interface, link_up.get(t.interface), now)
+        for inst in self.instances:
+            self._apply(self.machine.handle(LinkChanged(inst.index, link_up.get(inst.ifname, False)), now))
+        if self.machine.state is State.MASTER:
+            self.worker.submit(AddAddresses())
+
+    def action_failed(self, what: str, error: BaseException) -> None:
+        self.log.error("action failed", action=what, error=repr(error))
+
+    # ---- health checks and hooks --------------------------------------------------------
 
     def _on_check_change(self, change: Change) -> None:
         assert self.machine is not None
@@ -511,7 +611,31 @@ class Daemon:
                 "priority changed", old=before, new=self.machine.priority, reason=change.reason,
                 check=change.name, tracks_down=list(v.down), kind="priority")
 
-    def _vips(self, index: int) -> list[IPv4If | IPv6If]:
+    def _hook_job(self, t: Transition) -> HookJob | None:
+        assert self.machine is not None
+        hook = HOOK_FOR.get(t.new)
+        argv: tuple[str, ...] = getattr(self.cfg.hooks, hook) if hook else ()
+        if hook is None or not argv:
+            return None
+        m = self.machine
+        env = environment(
+            hook=hook, state="stop" if t.new is State.INIT else t.new.value,
+            old_state=t.old.value, reason=t.reason, node=self.cfg.node.name,
+            vips=[str(a) for i in range(len(self.cfg.vrrp)) for a in self._wanted(i)],
+            interfaces=[v.interface for v in self.cfg.vrrp],
+            vrids=[v.virtual_id for v in self.cfg.vrrp], priority=m.priority,
+            track_down=self.checks.tracker.verdict().down if self.checks else (),
+            sequence=m.transitions,
+        )
+        return HookJob(hook, argv, env, self.cfg.hooks.timeout,
+                       asyncio.get_running_loop().time(), ready=self._transition_work_done)
+
+    async def _transition_work_done(self) -> None:
+        """A hook starts once the worker has done what its transition asked (commit,
+        addresses, gratuitous ARP): ``on_master`` finds the addresses in place."""
+        await self.worker.drain(self.cfg.hooks.timeout)
+
+    def _wanted(self, index: int) -> list[IPv4If | IPv6If]:
         v = self.cfg.vrrp[index]
         return [*v.virtual_addresses, *v.virtual_addresses6]
 
@@ -548,12 +672,23 @@ class Daemon:
         if why:
             self.log.error("reload refused; keeping the running configuration", error=why)
             return {"ok": False, "error": why}
+        moved = [v.interface for old, v in zip(self.cfg.vrrp, new.vrrp, strict=True)
+                 if (old.virtual_addresses, old.virtual_addresses6)
+                 != (v.virtual_addresses, v.virtual_addresses6)]
         self.cfg = new
         for inst in self.instances:
             inst.expect = _expect(new, inst.index)
+            inst.sock.update(_lane_spec(new, inst.index))
         now = asyncio.get_running_loop().time()
         self._apply(self.machine.handle(Reconfigure(group_params(new)), now))
-        self.log.info("reloaded", priority=self.machine.priority, preempt=self.machine.params.preempt)
+        if moved and self.machine.state is State.MASTER:
+            # Old addresses off, new ones on (recorded either way), then announced.
+            self.worker.submit(AddAddresses())
+            for inst in self.instances:
+                if inst.ifname in moved:
+                    self.worker.submit(SendGarp(inst.index))
+        self.log.info("reloaded", priority=self.machine.priority, preempt=self.machine.params.preempt,
+                      addresses_changed=moved or None)
         return {"ok": True}
 
     def dump(self) -> None:
@@ -575,14 +710,20 @@ class Daemon:
         if cmd == "tables":
             if self.replica is None:
                 return {"ok": False, "error": "replication is not enabled ([sync] enabled = false)"}
-            return {"ok": True, **self.replica.tables()}
-        if cmd == "stall" and os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
-            # Test hook: block the event loop to prove stall detection and the watchdog.
-            time.sleep(float(request.get("seconds", 2.0)))
-            return {"ok": True}
+            return {"ok": True, **await self.replica.tables()}
+        if os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
+            if cmd == "stall":
+                # Test hook: block the event loop to prove stall detection and the watchdog.
+                time.sleep(float(request.get("seconds", 2.0)))
+                return {"ok": True}
+            if cmd == "fault" and self.replica is not None:
+                return self.replica.test_hook(request)
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     # ---- status ------------------------------------------------------------------------
+
+    def _timed(self, what: str) -> _Timer:
+        return _Timer(self.monitor, what)
 
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
@@ -594,11 +735,15 @@ class Daemon:
             now = loop.time()
             lag = now - expected
             expected = now + HEARTBEAT
-            self.last_loop_lag = lag
-            self.max_loop_lag = max(self.max_loop_lag, lag)
-            if lag > STALL_WARN:
+            step, culprit = self.monitor.take()
+            stall = max(lag, step)
+            self.last_loop_lag = stall
+            self.max_loop_lag = max(self.max_loop_lag, stall)
+            if stall > STALL_WARN:
                 self.loop_stalls += 1
-                self.log.warning("event loop stalled", seconds=round(lag, 3))
+                self.last_stall = {"seconds": round(stall, 3), "culprit": culprit if step >= lag else None}
+                self.log.warning("event loop stalled", seconds=round(stall, 3),
+                                 culprit=self.last_stall["culprit"], probe_lag=round(lag, 3))
             if interval is not None and now >= next_ping:
                 self.notifier.watchdog()
                 next_ping = now + interval / 2
@@ -619,6 +764,12 @@ class Daemon:
         for inst in self.instances:
             v, p, view = self.cfg.vrrp[inst.index], m.params.instances[inst.index], m.instances[
                 inst.index]
+            fast, slow = inst.sock.overflows()
+            drops = dict(inst.drops)
+            if slow:
+                drops["overflow"] = slow
+            if fast:
+                drops["overflow_fast_lane"] = fast
             vrrp.append({
                 "interface": v.interface,
                 "virtual_id": v.virtual_id,
@@ -626,16 +777,18 @@ class Daemon:
                 "priority": p.priority,
                 "real_address": str(p.primary),
                 "virtual_addresses": [str(a) for a in v.virtual_addresses],
+                "virtual_addresses6": [str(a) for a in v.virtual_addresses6],
                 "master_address": str(view.master_address) if view.master_address else None,
                 "master_priority": view.master_priority,
                 "link_up": view.link_up,
                 "advert_interval": v.advert_interval,
                 "master_down_interval": p.master_down_interval,
                 "time_in_state": round(now - m.since, 3),
+                "socket": {lane: b._asdict() for lane, b in inst.sock.buffers().items()},
                 "counters": {
                     "adverts_sent": view.adverts_sent,
                     "adverts_received": view.adverts_received,
-                    "drops": dict(inst.drops),
+                    "drops": drops,
                     "transitions": m.transitions,
                     "garp_sent": inst.garps_sent,
                     "addresses_restored": inst.addresses_restored,
@@ -658,6 +811,10 @@ class Daemon:
             },
             "vrrp": vrrp,
             "sync": self.replica.status() if self.replica is not None else None,
+            "installed": {"record": str(self.installed.path),
+                          "addresses": self.installed.state.addresses,
+                          "nft_tables": self.installed.state.nft_tables},
+            "worker": dict(self.worker.counters),
             "track": {
                 "priority_delta": m.track_delta,
                 "faults": list(m.track_faults),
@@ -667,7 +824,7 @@ class Daemon:
             "metrics": {"listen": self.cfg.metrics.listen or None},
             "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1),
                      "lag_ms": round(max(self.last_loop_lag, 0.0) * 1000, 1),
-                     "callback_errors": self.callback_errors},
+                     "last_stall": self.last_stall, "callback_errors": self.callback_errors},
         }
 
     async def _status_now(self) -> dict[str, Any]:
@@ -679,6 +836,25 @@ class Daemon:
         return asyncio.run_coroutine_threadsafe(self._status_now(), self._loop).result(timeout=5)
 
 
+class _Timer:
+    """``with daemon._timed("what"):`` times a callback for the loop monitor."""
+
+    __slots__ = ("monitor", "t0", "what")
+
+    def __init__(self, monitor: LoopMonitor, what: str) -> None:
+        self.monitor, self.what, self.t0 = monitor, what, 0.0
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.monitor.note(time.perf_counter() - self.t0, self.what)
+
+
+def _parse_addr(text: str) -> IPv4If | IPv6If:
+    return IPv6If(text) if ":" in text else IPv4If(text)
+
+
 def _source(data: bytes) -> str:
     return ".".join(str(b) for b in data[12:16]) if len(data) >= 20 else "?"
 
@@ -686,13 +862,14 @@ def _source(data: bytes) -> str:
 def _needs_restart(old: Config, new: Config) -> str:
     def shape(c: Config) -> Any:
         return (
-            [(v.interface, v.virtual_id, v.virtual_addresses, v.real_address) for v in c.vrrp],
-            c.sync, c.node.control_socket, c.track, c.metrics,
+            [(v.interface, v.virtual_id, v.real_address) for v in c.vrrp],
+            c.sync, c.node.control_socket, c.node.runtime_dir, c.track, c.metrics,
         )
 
     if shape(old) != shape(new):
-        return ("interfaces, VRIDs, addresses, the control socket, [sync], [[track]] or "
-                "[metrics] changed; these need a restart (systemctl restart invictusd)")
+        return ("interfaces, VRIDs, real addresses, the control socket, the runtime directory, "
+                "[sync], [[track]] or [metrics] changed; these need a restart "
+                "(systemctl restart invictusd)")
     return ""
 
 

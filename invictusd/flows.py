@@ -12,6 +12,7 @@ build and hash than dataclass instances while staying immutable and typed.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import NamedTuple
 
 # IP protocol numbers we replicate.
@@ -116,3 +117,22 @@ def inverse(key: FlowKey) -> FlowKey:
 
 def marked(mark: int, bit: int) -> bool:
     return bool(mark >> bit & 1)
+
+
+_PROTO_NAMES = {IPPROTO_ICMP: "icmp", IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp",
+                IPPROTO_ICMPV6: "icmpv6", IPPROTO_SCTP: "sctp"}
+
+
+def _addr(raw: bytes) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        return raw.hex()
+
+
+def flow_text(flow: Flow) -> str:
+    """One line naming a flow for logs: ``tcp 10.0.0.1:40000 -> 192.0.2.80:443 zone 0 mark 0x40000000``."""
+    o = flow.orig
+    proto = _PROTO_NAMES.get(o.proto, str(o.proto))
+    return (f"{proto} {_addr(o.src)}:{o.sport} -> {_addr(o.dst)}:{o.dport} zone {o.zone} "
+            f"mark {flow.mark:#x}")

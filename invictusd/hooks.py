@@ -1,9 +1,10 @@
 """``[hooks]``: programs run on the group's transitions, in order, never blocking VRRP.
 
-The daemon submits one ``HookJob`` per transition *after* the transition's own work (the
-worker puts it behind the replica commit, the addresses and the gratuitous ARP of a
-takeover), and one task here runs the jobs strictly one after the other: a later hook never
-overtakes an earlier one, and a slow hook delays only the hooks behind it. A hook that
+The daemon submits one ``HookJob`` per transition; before its program starts, a job waits
+until the transition's own work is done (the replica commit, the addresses and the
+gratuitous ARP of a takeover: ``ready``), and one task here runs the jobs strictly one after
+the other: a later hook never overtakes an earlier one, and a slow hook delays only the
+hooks behind it. A hook that
 fails, hangs (killed at ``timeout``) or cannot start is logged and counted; it never changes
 the VRRP state.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ class HookJob:
     env: Mapping[str, str]
     timeout: float
     queued_at: float  # loop time of the transition
+    # Awaited before the program starts: the transition's own work is done (the daemon waits
+    # for its action worker, so on_master finds the addresses in place).
+    ready: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +80,8 @@ class HookRunner:
     async def _run(self, job: HookJob) -> None:
         loop = asyncio.get_running_loop()
         stats = self.stats[job.hook]
+        if job.ready is not None:
+            await job.ready()
         delay = loop.time() - job.queued_at
         logged = 0
 

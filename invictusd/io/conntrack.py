@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from invictusd.flows import Flow, FlowEvent, FlowKey
 from invictusd.io import ctnetlink as ct
+from invictusd.io.sockopt import buffers, force_buffers
 
 __all__ = [
     "CommitResult",
@@ -39,8 +40,6 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_DROP_MEMBERSHIP = 2
 NETLINK_CAP_ACK = 10
-SO_RCVBUFFORCE = 33
-SO_SNDBUFFORCE = 32
 
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
@@ -74,9 +73,8 @@ def _netlink_socket(rcvbuf: int, sndbuf: int, nonblocking: bool) -> socket.socke
         kind |= socket.SOCK_NONBLOCK
     sock = socket.socket(socket.AF_NETLINK, kind, NETLINK_NETFILTER)
     try:
-        # *BUFFORCE ignores rmem_max/wmem_max (we run as root); the kernel doubles the value.
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+        # *BUFFORCE ignores rmem_max/wmem_max (we run with CAP_NET_ADMIN); the kernel doubles it.
+        force_buffers(sock, rcvbuf, sndbuf)
         sock.bind((0, 0))
     except BaseException:
         sock.close()
@@ -105,6 +103,7 @@ class EventSocket:
         self._buf = bytearray(max(buffer_bytes, 2 * _MAX_DATAGRAM))
         self._view = memoryview(self._buf)
         self._sock = _netlink_socket(rcvbuf_bytes, 1 << 16, nonblocking=True)
+        self.rcvbuf = buffers(self._sock).rcvbuf  # what the kernel granted (doubled)
         try:
             for group in (
                 NFNLGRP_CONNTRACK_NEW,

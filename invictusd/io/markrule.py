@@ -46,7 +46,12 @@ def install_mark_rule(mark_bit: int) -> None:
     _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n" + mark_ruleset(mark_bit))
 
 
+def remove_table(table: str) -> None:
+    """Delete nft table ``table`` ("inet invictusd") if it exists; raises MarkRuleError."""
+    _nft(f"table {table}\ndelete table {table}\n")
+
+
 def remove_mark_rule() -> None:
     # Nothing to remove, or no nft: either way no rule of ours is left.
     with contextlib.suppress(MarkRuleError):
-        _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+        remove_table(f"inet {TABLE}")

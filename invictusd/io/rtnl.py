@@ -12,6 +12,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+from invictusd.io.sockopt import force_buffers
+
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
@@ -23,6 +25,7 @@ IFF_LOWER_UP = 0x10000
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFLA_IFNAME = 3
 
+RCVBUF = 4 << 20  # address and link storms (many VLANs coming up) must not overrun it
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBi")
@@ -106,10 +109,10 @@ def _addr_attr(
 
 
 class RtnlMonitor:
-    def __init__(self) -> None:
+    def __init__(self, rcvbuf: int = RCVBUF) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.buffers = force_buffers(self.sock, rcvbuf=rcvbuf)
             self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self.sock.setblocking(False)
         except OSError:
@@ -120,20 +123,22 @@ class RtnlMonitor:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[LinkEvent | AddrEvent]:
-        """Drain the socket. Raises ``OverflowError`` after an overrun (caller re-snapshots)."""
+    def read(self, budget: int) -> list[LinkEvent | AddrEvent]:
+        """Up to ``budget`` datagrams. Raises ``OverflowError`` after an overrun (events were
+        lost: the caller re-reads the state); what was read before it is lost with them."""
         events: list[LinkEvent | AddrEvent] = []
-        while True:
+        for _ in range(budget):
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
-                return events
+                break
             except OSError as e:
                 if e.errno == 105:  # ENOBUFS: events were lost
                     self.overruns += 1
                     raise OverflowError("rtnetlink overrun") from None
                 raise
             events.extend(parse(data))
+        return events
 
     def close(self) -> None:
         self.sock.close()

@@ -5,6 +5,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from invictusd.io.sockopt import force_buffers
+
+# Queue limits: a burst of the peer's datagrams while our loop is busy must not be dropped
+# (each drop costs a resend round trip). The kernel doubles these.
+RCVBUF = 16 << 20
+SNDBUF = 16 << 20
+
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
 
@@ -18,8 +25,7 @@ class SyncSocket:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            self.buffers = force_buffers(s, RCVBUF, SNDBUF)
             # Never fragment: a datagram is sized to the link MTU; a lost fragment loses it all.
             s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
             s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)
@@ -35,19 +41,25 @@ class SyncSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def recv(self) -> bytes | None:
-        """The next datagram from the peer; others are counted and dropped. None when empty."""
-        while True:
+    def recv(self, budget: int) -> list[bytes]:
+        """Up to ``budget`` datagrams waiting (from anyone: those not from the peer are
+        counted in ``foreign`` and dropped, and use up the budget too)."""
+        out: list[bytes] = []
+        recvfrom = self.sock.recvfrom
+        peer = self.peer
+        for _ in range(budget):
             try:
-                data, source = self.sock.recvfrom(65535)
+                data, source = recvfrom(65535)
             except BlockingIOError:
-                return None
+                break
             except OSError:
                 # ICMP errors (peer port unreachable while it restarts) surface here.
                 continue
-            if source == self.peer:
-                return data
-            self.foreign += 1
+            if source == peer:
+                out.append(data)
+            else:
+                self.foreign += 1
+        return out
 
     def send(self, data: bytes) -> bool:
         try:

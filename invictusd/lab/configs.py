@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def daemon_config(
         "[node]",
         f'name = "{node}"',
         f'control_socket = "{control_socket(lab, node)}"',
+        f'runtime_dir = "{runtime_dir(lab, node)}"',
         "",
     ]
     for which in interfaces:
@@ -68,9 +70,25 @@ def daemon_config(
             f'peer_address = "{c.sync_ips[1 - i]}"',
             "mark_bit = 30",
         ]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in (sync_extra or {}).items()]
+        more = sync_extra or {}
+        if not {"key_file", "key_credential"} & set(more):
+            lines.append(f'key_file = "{sync_key(lab)}"')
+        lines += [f"{k} = {_toml_value(v)}" for k, v in more.items()]
     # More tables ([[track]], [hooks], [metrics]...), as TOML text.
     return "\n".join(lines) + "\n" + (f"\n{extra.strip()}\n" if extra.strip() else "")
+
+
+def sync_key(lab: Lab) -> Path:
+    """The lab's shared sync key (random per lab, mode 600), as `invictusd keygen` writes it."""
+    path = lab.workdir / "sync.key"
+    if not path.exists():
+        lab.write_file("sync.key", secrets.token_hex(32) + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def runtime_dir(lab: Lab, node: str) -> str:
+    return str(lab.workdir / f"{node}-run")
 
 
 def control_socket(lab: Lab, node: str) -> str:

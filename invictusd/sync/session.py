@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from invictusd.flows import EventKind, Flow, FlowEvent, FlowKey
+from invictusd.flows import EventKind, Flow, FlowEvent, FlowKey, flow_text
 from invictusd.sync import wire
 from invictusd.sync.wire import (
     FLAG_SYNC_POINT,
@@ -105,6 +105,13 @@ class SessionConfig:
     resync_request_interval: float = 1.0  # at most one resync request per interval
     stall_timeout: float = 3.0  # a gap unrepaired this long makes the receiver ask for a resync
     peer_node_id: int | None = None  # pin the peer's node id (None: any but ours)
+    # What an authenticated peer may put in our table (defence in depth: a stolen key must
+    # not plant arbitrary state): entries must carry the replication mark bit, a zone and an
+    # address family this node uses, and the table holds at most peer_capacity entries.
+    mark_mask: int = 0  # 0: no mark check
+    zones: frozenset[int] | None = None  # None: any
+    families: frozenset[int] | None = None  # None: any
+    peer_capacity: int = 1 << 20
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, reason: str) -> None:
@@ -134,6 +141,7 @@ class SessionConfig:
             "retransmit_capacity",
             "reorder_capacity",
             "pending_capacity",
+            "peer_capacity",
         ):
             v = getattr(self, name)
             need(v >= 1, name, f"{v} < 1")
@@ -153,6 +161,8 @@ class SessionEventKind(enum.Enum):
     PEER_RESYNC_STARTED = "peer_resync_started"
     PEER_RESYNC_COMPLETED = "peer_resync_completed"  # the peer's table is complete here
     DIVERGENCE = "divergence"  # digest/count mismatch or unknown id: resync requested
+    REJECTED = "rejected"  # the peer sent an entry this node does not accept (mark, zone, family)
+    PEER_OVERFLOW = "peer_overflow"  # the peer's table exceeds peer_capacity: not all is held
     OVERFLOW = "overflow"  # backlog over pending_capacity: falling back to a resync
 
 
@@ -176,6 +186,7 @@ COUNTERS = (
     "nacks_received",
     "hellos_sent",
     "hellos_received",
+    "hellos_unproven",
     "retransmits",
     "resend_timeouts",
     "resyncs_started",
@@ -202,6 +213,10 @@ COUNTERS = (
     "drop_duplicate",
     "drop_reorder_full",
     "drop_link_down",
+    "rejected_mark",
+    "rejected_zone",
+    "rejected_family",
+    "peer_overflow",
 )
 
 
@@ -236,6 +251,7 @@ class SyncSession:
         self._peer_alive = False
         self._hello_at = now
         self._last_hello = -1e18
+        self._candidate = 0  # an unproven peer epoch that sent a HELLO: answer it
 
         # sender: our table, the backlog, the mirror of the receiver's id map, the window
         self._local: dict[FlowKey, tuple[Flow, int]] = {}
@@ -273,6 +289,7 @@ class SyncSession:
         self._refreshed: set[FlowKey] | None = None
         self._peer_gen: int | None = None
         self._synced = False
+        self._overflowed = False
         self._ack_count = 0
         self._ack_at: float | None = None
         self._nack_at: float | None = None
@@ -455,8 +472,16 @@ class SyncSession:
             if h.sender_epoch in self._retired:
                 c["drop_retired_epoch"] += 1
                 return
-            if t is not DatagramType.HELLO and not bound:
-                c["drop_epoch"] += 1
+            if not bound:
+                # An epoch we have not heard bound to ours may be a replay captured before
+                # we started: it changes nothing. If it is a HELLO we answer it, addressed
+                # to that epoch; a live peer then proves itself with a datagram bound to us.
+                if t is DatagramType.HELLO:
+                    c["hellos_unproven"] += 1
+                    self._candidate = h.sender_epoch
+                    self._hello_at = min(self._hello_at, max(now, self._last_hello + 0.05))
+                else:
+                    c["drop_epoch"] += 1
                 return
             self._new_peer_epoch(h.sender_epoch, h.node_id, now)
         elif not bound and t is not DatagramType.HELLO:
@@ -499,7 +524,10 @@ class SyncSession:
             if self._link_up:
                 self._send_control(DatagramType.HELLO, (), now)
                 self.counters["hellos_sent"] += 1
+                if self._candidate:
+                    self._send_hello_to(self._candidate)
                 self._last_hello = now
+            self._candidate = 0
             self._hello_at = now + cfg.hello_interval
         last = self._last_heard
         if self._peer_alive and last is not None and now >= last + cfg.peer_dead_after:
@@ -603,6 +631,15 @@ class SyncSession:
         if self._rx_expect is not None:
             self._ack_at = None
             self._ack_count = 0
+
+    def _send_hello_to(self, epoch: int) -> None:
+        """A HELLO naming ``epoch`` as receiver: the answer to a new epoch's HELLO."""
+        h = Header(DatagramType.HELLO, self.config.node_id, self.epoch, epoch, (self._next_seq - 1) & U32)
+        data = encode_datagram(h, (), self._key, None)
+        self._out.append(data)
+        self.counters["hellos_sent"] += 1
+        self.counters["tx_datagrams"] += 1
+        self.counters["tx_bytes"] += len(data)
 
     def _send_ack(self, now: float) -> None:
         self._send_control(DatagramType.ACK, (), now)
@@ -1016,8 +1053,13 @@ class SyncSession:
         peer = self._peer
         ids = self._peer_ids
         refreshed = self._refreshed
+        cfg = self.config
+        mask = cfg.mark_mask
         for rec in records:
             if isinstance(rec, Update):
+                if mask and not rec.mark & mask:
+                    self._reject("rejected_mark", now, f"update of id {rec.ct_id}: mark {rec.mark:#x}")
+                    continue
                 ukey = ids.get(rec.ct_id)
                 f = peer.get(ukey) if ukey is not None else None
                 if ukey is None or f is None or key_hash(ukey) & 0xFFFF != rec.check:
@@ -1028,9 +1070,16 @@ class SyncSession:
                                   rec.tcp_state)
             elif isinstance(rec, Flow):
                 key = rec.orig
+                why = self._refused(rec)
+                if why:
+                    self._reject(why, now, f"{why.removeprefix('rejected_')} of {flow_text(rec)}")
+                    continue
                 cid = rec.ct_id
                 old = peer.get(key)
                 if old is None:
+                    if len(peer) >= cfg.peer_capacity:
+                        self._peer_full(now)
+                        continue
                     self._peer_xor ^= key_hash(key)
                 else:
                     oid = old.ct_id
@@ -1079,6 +1128,34 @@ class SyncSession:
             else:  # NACK_RANGE/RESYNC_REQUEST never decode inside DATA
                 raise AssertionError(f"record {rec!r} in a DATA datagram")
 
+    def _refused(self, flow: Flow) -> str:
+        """The counter naming why ``flow`` may not enter our table ("" if it may)."""
+        cfg = self.config
+        if cfg.mark_mask and not flow.mark & cfg.mark_mask:
+            return "rejected_mark"
+        if cfg.families is not None and flow.orig.family not in cfg.families:
+            return "rejected_family"
+        if cfg.zones is not None and (flow.orig.zone not in cfg.zones or flow.reply.zone not in cfg.zones):
+            return "rejected_zone"
+        return ""
+
+    def _reject(self, counter: str, now: float, detail: str) -> None:
+        self.counters[counter] += 1
+        self._event(SessionEventKind.REJECTED, now, detail)
+
+    def _peer_full(self, now: float) -> None:
+        """More peer entries than we may hold: a divergence (never memory growth). We hold
+        what fits, are no longer ``synced``, and ask for resyncs (backing off) until the
+        peer's table fits again."""
+        self.counters["peer_overflow"] += 1
+        if self._synced or not self._overflowed:
+            self._event(SessionEventKind.PEER_OVERFLOW, now,
+                        f"the peer's table exceeds peer_capacity {self.config.peer_capacity}")
+        self._overflowed = True
+        self._synced = False
+        if self._refreshed is None:  # during a resync its END check asks again, backing off
+            self._divergence(RequestReason.OTHER, now, "peer table over capacity")
+
     def _resync_end(self, rec: ResyncEnd, now: float) -> None:
         refreshed = self._refreshed
         if refreshed is None or rec.gen != self._peer_gen:
@@ -1107,6 +1184,7 @@ class SyncSession:
             return
         self.counters["peer_resyncs_completed"] += 1
         self._request_backoff = self.config.resync_request_interval
+        self._overflowed = False
         self._synced = True
         self._event(
             SessionEventKind.PEER_RESYNC_COMPLETED,

@@ -434,7 +434,7 @@ def test_metrics_listen_address_that_cannot_be_bound_is_refused_naming_the_key()
         assert "metrics.listen: cannot listen on 10.99.0.1:9842" in err
         pair.start("fw1", wait_ready=False)
         assert pair.procs["fw1"].wait(15) == 2
-        refused = [e for e in pair.log_events("fw1") if e.get("event") == "config refused"]
+        refused = [e for e in pair.log_events("fw1") if e.get("event") == "cannot start"]
         assert "metrics.listen" in refused[0]["error"]
         assert pair.vips_on("fw1") == set()
 

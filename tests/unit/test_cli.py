@@ -48,13 +48,48 @@ def test_check_names_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"{path}:6: vrrp[0].password:" in err and "at most 8" in err
 
 
-def test_check_warns_about_a_world_readable_password(
+def test_check_refuses_a_world_readable_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Issue 8 item 4: a config file holding a password that others can read is refused."""
     path = _write(tmp_path, GOOD)
     path.chmod(0o644)
-    assert main(["check", "--config", str(path)]) == 0
-    assert "readable by group or others" in capsys.readouterr().err
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:6: vrrp[0].password:" in err and "readable or writable by group or others" in err
+    assert "secret" not in err
+
+
+def test_check_refuses_sync_without_a_key_and_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 8 item 1: the VRRP password (public on the LAN) is never the sync key."""
+    text = GOOD + '\n[sync]\nenabled = true\ninterface = "sync0"\npeer_address = "10.9.0.2"\n'
+    path = _write(tmp_path, text)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sync.key_file: is required" in err and "invictusd keygen" in err
+
+
+def test_keygen_writes_a_private_random_key_that_check_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "etc" / "sync.key"
+    assert main(["keygen", "--output", str(key)]) == 0
+    out = capsys.readouterr().out
+    data = key.read_bytes()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert len(data) == 65 and int(data[:64], 16) > 0
+    assert data.strip().decode() not in out  # the key itself is never printed
+    assert "scp" in out and "key_file" in out
+    # A second run does not overwrite it (the peer holds a copy) unless forced.
+    assert main(["keygen", "--output", str(key)]) == 1
+    assert key.read_bytes() == data
+    assert main(["keygen", "--output", str(key), "--force"]) == 0
+    assert key.read_bytes() != data and key.stat().st_mode & 0o777 == 0o600
+    text = GOOD + ('\n[sync]\nenabled = true\ninterface = "sync0"\npeer_address = "10.9.0.2"\n'
+                   f'key_file = "{key}"\n')
+    assert main(["check", "--config", str(_write(tmp_path, text))]) == 0
 
 
 def test_status_of_a_missing_daemon_exits_3(tmp_path: Path) -> None:

@@ -241,16 +241,27 @@ def test_password_file(tmp_path: Path) -> None:
     assert parse(absolute, "/nonexistent/x.toml").vrrp[0].password == b"s3cr3t"
 
 
-def test_password_file_readable_by_others_warns(tmp_path: Path) -> None:
+def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     pw = _write(tmp_path / "vrrp.pw", b"s3cr3t", 0o644)
     text = edit(MINIMAL, 'password = "secret"', 'password_file = "vrrp.pw"')
-    cfg = parse(text, str(tmp_path / "invictusd.toml"))
-    assert cfg.vrrp[0].password == b"s3cr3t"
-    assert len(cfg.warnings) == 1
-    assert str(pw) in cfg.warnings[0]
-    assert "vrrp[0].password_file" in cfg.warnings[0]
+    with pytest.raises(ConfigError) as info:
+        parse(text, str(tmp_path / "invictusd.toml"))
+    assert (info.value.key, info.value.line) == ("vrrp[0].password_file", line_of(text, "password_file"))
+    assert str(pw) in info.value.message and "chmod 600" in info.value.message
     pw.chmod(0o640)
-    assert len(parse(text, str(tmp_path / "invictusd.toml")).warnings) == 1
+    with pytest.raises(ConfigError):
+        parse(text, str(tmp_path / "invictusd.toml"))
+    pw.chmod(0o600)
+    assert parse(text, str(tmp_path / "invictusd.toml")).vrrp[0].password == b"s3cr3t"
+
+
+def test_secret_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    pw = _write(tmp_path / "vrrp.pw", b"s3cr3t", 0o600)
+    os.chown(pw, 4242, 4242)
+    text = edit(MINIMAL, 'password = "secret"', 'password_file = "vrrp.pw"')
+    with pytest.raises(ConfigError) as info:
+        parse(text, str(tmp_path / "invictusd.toml"))
+    assert info.value.key == "vrrp[0].password_file" and "uid 4242" in info.value.message
 
 
 def test_password_file_too_long_is_an_error(tmp_path: Path) -> None:
@@ -471,12 +482,24 @@ def test_error_without_line_formats_path_only() -> None:
 
 # ---- [sync] ------------------------------------------------------------------------------
 
-SYNC = """
+SYNC_NOKEY = """
 [sync]
 enabled = true
 interface = "sync0"
 peer_address = "172.31.0.2"
 """
+SYNC = SYNC_NOKEY + 'key_credential = "sync-key"\n'
+SYNC_KEY = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _credentials(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key SYNC names, as a systemd credential (tests that test credentials override it)."""
+    d = tmp_path_factory.getbasetemp() / "credentials"
+    if not d.exists():
+        d.mkdir()
+        (d / "sync-key").write_bytes(SYNC_KEY)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(d))
 
 
 def test_sync_disabled_is_accepted_and_ignored() -> None:
@@ -490,18 +513,38 @@ def test_sync_enabled_type_error() -> None:
     assert_error(text, "sync.enabled", "enabled", ("must be bool",))
 
 
-def test_sync_enabled_minimal_derives_key_with_warning() -> None:
+def test_sync_enabled_minimal() -> None:
     cfg = parse(MINIMAL + SYNC)
     s = cfg.sync
     assert (s.enabled, s.interface, s.peer_address) == (True, "sync0", A("172.31.0.2"))
     assert (s.mark_bit, s.mark_mask, s.port) == (30, 1 << 30, 3781)
-    assert len(s.key) == 32
-    assert s.key_source == "derived from the vrrp password"
-    assert any("key_file" in w for w in cfg.warnings)
-    # The same password gives the same key on both nodes.
-    assert parse(MINIMAL + SYNC).sync.key == s.key
-    other = parse(edit(MINIMAL, '"secret"', '"other"') + SYNC).sync.key
-    assert other != s.key
+    assert s.key == SYNC_KEY and s.key_source == "key_credential"
+    assert (s.zones, s.families, s.preempt_hold_max) == (frozenset({0}), frozenset({4}), 0.0)
+    assert cfg.warnings == ()
+
+
+def test_sync_without_a_key_is_refused_naming_the_key() -> None:
+    """Issue 8 item 1: the key used to be derived from the VRRP password, which VRRPv2 sends
+    in clear in every advert: anyone on a client segment held the sync key."""
+    text = MINIMAL + SYNC_NOKEY
+    assert_error(text, "sync.key_file", "[sync]", ("is required", "invictusd keygen"))
+
+
+def test_sync_zones_and_families() -> None:
+    cfg = parse(MINIMAL + SYNC + "zones = [0, 7]\nfamilies = [\"ipv4\", \"ipv6\"]\n")
+    assert cfg.sync.zones == frozenset({0, 7}) and cfg.sync.families == frozenset({4, 6})
+    # IPv6 virtual addresses make IPv6 replicated by default.
+    v6 = edit(MINIMAL, 'virtual_address = "10.0.0.1/24"', 'virtual_addresses = ["10.0.0.1/24", "fd00::1/64"]')
+    assert parse(v6 + SYNC).sync.families == frozenset({4, 6})
+    assert_error(MINIMAL + SYNC + "zones = [70000]\n", "sync.zones", "zones", ("0..65535",))
+    assert_error(MINIMAL + SYNC + "zones = []\n", "sync.zones", "zones", ("non-empty",))
+    assert_error(MINIMAL + SYNC + 'families = ["ipx"]\n', "sync.families", "families", ("ipv4",))
+
+
+def test_sync_preempt_hold_max() -> None:
+    assert parse(MINIMAL + SYNC + "preempt_hold_max = 120\n").sync.preempt_hold_max == 120.0
+    assert_error(MINIMAL + SYNC + "preempt_hold_max = -1\n", "sync.preempt_hold_max",
+                 "preempt_hold_max", ("out of range",))
 
 
 def test_sync_interface_equal_to_a_vrrp_interface() -> None:
@@ -533,7 +576,7 @@ def test_sync_missing_peer_and_bad_peer() -> None:
 
 def test_sync_key_file(tmp_path: Path) -> None:
     _write(tmp_path / "sync.key", b"k" * 32, 0o600)
-    text = MINIMAL + SYNC + 'key_file = "sync.key"\n'
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "sync.key"\n'
     cfg = parse(text, str(tmp_path / "c.toml"))
     assert cfg.sync.key == b"k" * 32
     assert cfg.sync.key_source == "key_file"
@@ -542,13 +585,13 @@ def test_sync_key_file(tmp_path: Path) -> None:
 
 def test_sync_key_file_exactly_16_bytes(tmp_path: Path) -> None:
     _write(tmp_path / "sync.key", b"k" * 16 + b"\n", 0o600)
-    cfg = parse(MINIMAL + SYNC + 'key_file = "sync.key"\n', str(tmp_path / "c.toml"))
+    cfg = parse(MINIMAL + SYNC_NOKEY + 'key_file = "sync.key"\n', str(tmp_path / "c.toml"))
     assert cfg.sync.key == b"k" * 16
 
 
 def test_sync_key_too_short(tmp_path: Path) -> None:
     _write(tmp_path / "sync.key", b"k" * 15 + b"\n", 0o600)
-    text = MINIMAL + SYNC + 'key_file = "sync.key"\n'
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "sync.key"\n'
     with pytest.raises(ConfigError) as info:
         parse(text, str(tmp_path / "c.toml"))
     assert info.value.key == "sync.key_file"
@@ -557,41 +600,53 @@ def test_sync_key_too_short(tmp_path: Path) -> None:
 
 
 def test_sync_key_file_unreadable(tmp_path: Path) -> None:
-    text = MINIMAL + SYNC + 'key_file = "missing.key"\n'
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "missing.key"\n'
     with pytest.raises(ConfigError) as info:
         parse(text, str(tmp_path / "c.toml"))
     assert (info.value.key, info.value.line) == ("sync.key_file", line_of(text, "key_file"))
     assert "cannot read" in info.value.message
     # A directory cannot be read as a key either.
     (tmp_path / "d.key").mkdir()
-    text = MINIMAL + SYNC + 'key_file = "d.key"\n'
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "d.key"\n'
     with pytest.raises(ConfigError) as info:
         parse(text, str(tmp_path / "c.toml"))
     assert "cannot read" in info.value.message
 
 
-def test_sync_key_file_group_readable_warns(tmp_path: Path) -> None:
-    _write(tmp_path / "sync.key", b"k" * 32, 0o640)
-    cfg = parse(MINIMAL + SYNC + 'key_file = "sync.key"\n', str(tmp_path / "c.toml"))
-    assert len(cfg.warnings) == 1 and "sync.key_file" in cfg.warnings[0]
+def test_sync_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    """Issue 8 item 4: refused, not only warned about."""
+    key = _write(tmp_path / "sync.key", b"k" * 32, 0o640)
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "sync.key"\n'
+    with pytest.raises(ConfigError) as info:
+        parse(text, str(tmp_path / "c.toml"))
+    assert (info.value.key, info.value.line) == ("sync.key_file", line_of(text, "key_file"))
+    assert str(key) in info.value.message and "mode 0640" in info.value.message
+    assert "kkkk" not in str(info.value)
 
 
 def test_sync_key_file_and_credential_both() -> None:
-    text = MINIMAL + SYNC + 'key_file = "a"\nkey_credential = "b"\n'
+    text = MINIMAL + SYNC_NOKEY + 'key_file = "a"\nkey_credential = "b"\n'
     assert_error(text, "sync.key_file", "key_file", ("at most one",))
 
 
 # ---- load() ------------------------------------------------------------------------------
 
 
-def test_load_reads_file_and_warns_on_world_readable_password(tmp_path: Path) -> None:
+def test_load_refuses_a_world_readable_file_holding_a_password(tmp_path: Path) -> None:
     path = _write(tmp_path / "invictusd.toml", MINIMAL.encode(), 0o600)
     cfg = load(path)
     assert cfg.path == str(path)
     assert cfg.warnings == ()
     path.chmod(0o644)
-    cfg = load(path)
-    assert len(cfg.warnings) == 1 and "chmod 600" in cfg.warnings[0]
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert (info.value.key, info.value.line) == ("vrrp[0].password", line_of(MINIMAL, "password"))
+    assert "chmod 600" in info.value.message and "secret" not in str(info.value)
+    # Without an inline password the file holds no secret: readable is fine.
+    pw = _write(tmp_path / "vrrp.pw", b"s3cr3t", 0o600)
+    text = edit(MINIMAL, 'password = "secret"', f'password_file = "{pw}"')
+    path.write_text(text)
+    assert load(path).vrrp[0].password == b"s3cr3t"
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -72,12 +72,12 @@ def test_errors_across_tables_come_in_file_order() -> None:
     )
     found = errors(text)
     assert [k for k, _, _ in found] == [
-        "node.name", "vrrp[1].password", "sync.peer_address", "sync.interface",
-        "sync.peer_addres", "metrics.listen",
+        "node.name", "vrrp[1].password", "sync.peer_address", "sync.key_file",
+        "sync.interface", "sync.peer_addres", "metrics.listen",
     ]
     # A missing key has the line of its table.
     assert [line for _, line, _ in found] == [
-        2, line_of(text, "far too long"), line_of(text, "[sync]"),
+        2, line_of(text, "far too long"), line_of(text, "[sync]"), line_of(text, "[sync]"),
         line_of(text, 'interface = "lan0"', 2), line_of(text, "peer_addres"),
         line_of(text, "localhost")]
     # vrrp[1]'s duplicate VRID is found once its own error is fixed.
@@ -119,8 +119,12 @@ def test_load_raises_one_exception_carrying_the_list(tmp_path: Path) -> None:
     assert all(e.path == str(p) for e in info.value.errors)
 
 
-def test_check_system_reports_every_interface_problem() -> None:
-    text = MINIMAL + WAN + '\n[sync]\nenabled = true\ninterface = "sync9"\npeer_address = "10.9.0.2"\n'
+def test_check_system_reports_every_interface_problem(tmp_path: Path) -> None:
+    key = tmp_path / "sync.key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+    text = MINIMAL + WAN + ('\n[sync]\nenabled = true\ninterface = "sync9"\n'
+                            f'peer_address = "10.9.0.2"\nkey_file = "{key}"\n')
     cfg = parse(text, PATH)
     with pytest.raises(ConfigError) as info:
         check_system(cfg, {"lo": LINKS["lo"]})

@@ -39,25 +39,35 @@ def _with_key(path: str) -> str:
     return BASE + f'key_file = "{path}"\n'
 
 
-def test_key_file_readable_by_group_is_warned_and_private_one_is_not(tmp_path: Path) -> None:
+def test_key_file_readable_by_group_is_refused_and_private_one_is_read(tmp_path: Path) -> None:
     key = tmp_path / "sync.key"
     key.write_bytes(KEY + b"\n")
     key.chmod(0o640)
-    cfg = parse(_with_key(str(key)), str(tmp_path / "c.toml"))
-    assert cfg.sync.key == KEY and cfg.sync.key_source == "key_file"
-    assert [w for w in cfg.warnings if str(key) in w and "sync.key_file" in w]
+    with pytest.raises(ConfigError) as info:
+        parse(_with_key(str(key)), str(tmp_path / "c.toml"))
+    assert info.value.key == "sync.key_file" and str(key) in info.value.message
     key.chmod(0o600)
     cfg = parse(_with_key(str(key)), str(tmp_path / "c.toml"))
-    assert not [w for w in cfg.warnings if str(key) in w]
+    assert cfg.sync.key == KEY and cfg.sync.key_source == "key_file"
 
 
-def test_config_file_with_a_password_readable_by_others_is_warned(tmp_path: Path) -> None:
+def test_config_file_with_a_password_readable_by_others_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "invictusd.toml"
-    path.write_text(BASE)
+    path.write_text(_with_key("/nonexistent/key"))
     path.chmod(0o644)
-    assert any("readable by group or others" in w and str(path) in w for w in load(path).warnings)
-    path.chmod(0o600)
-    assert not any(str(path) in w for w in load(path).warnings)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "vrrp[0].password" and "readable" in info.value.message
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["87654321", "true", "[1, 2]", "{ a = 1 }", "1.5"])
+def test_a_password_of_the_wrong_type_is_not_echoed(value: str) -> None:
+    """Issue 8 item 4: `password: must be str, got int 87654321` printed the secret."""
+    with pytest.raises(ConfigError) as info:
+        parse(BASE.replace(f'"{PASSWORD}"', value))
+    assert info.value.key == "vrrp[0].password" and "must be str" in info.value.message
+    assert value not in str(info.value) and "87654321" not in str(info.value)
 
 
 def test_key_credential_is_read_from_the_credentials_directory(

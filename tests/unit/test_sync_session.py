@@ -278,7 +278,7 @@ def test_replayed_datagrams_have_no_effect() -> None:
 
 def test_rewritten_sequence_numbers_and_forgeries_are_rejected() -> None:
     n, ka, kb = make_pair(seed=4)
-    drive(n, ka, kb, 30)
+    drive(n, ka, kb, 40)
     n.settle()
     before = n.b.peer_flows()
     data_to_b = [d for dst, d in n.sent if dst == "b" and d[3] == wire.DatagramType.DATA]
@@ -505,3 +505,120 @@ def test_converges_under_random_loss_reorder_and_outages(
 ) -> None:
     for _ in _scenario(seed, loss, dup, jitter, outages):
         pass
+
+
+# ---- audit (issue 8) ----------------------------------------------------------------------
+
+
+def test_replayed_hello_from_an_epoch_before_our_restart_changes_nothing() -> None:
+    """Issue 8 item 2: a HELLO captured before this node restarted must not retire the
+    real peer's epoch (it used to, and every genuine datagram was dropped for good)."""
+    n, ka, kb = make_pair(seed=21)
+    drive(n, ka, kb, 20)
+    n.settle()
+    old_hellos = [d for dst, d in n.sent
+                  if dst == "a" and d[3] == wire.DatagramType.HELLO]
+    assert old_hellos
+    # b restarts (new epoch), then a restarts: a's retired list is empty again.
+    n.b = SyncSession(config(2), epoch=0xB0B2, now=n.now)
+    n.b.local_resync(kb.table.values(), n.now)
+    n.settle()
+    n.a = SyncSession(config(1), epoch=0xA0A2, now=n.now)
+    n.a.local_resync(ka.table.values(), n.now)
+    n.settle()
+    assert n.a.peer_epoch == 0xB0B2
+    unproven = n.a.counters.get("hellos_unproven", 0)
+    for d in old_hellos:  # the replay: b's first epoch says HELLO to a
+        n.inject("a", d)
+    n.run(0.5)
+    assert n.a.peer_epoch == 0xB0B2, "a replayed HELLO took over the peer epoch"
+    assert n.a.counters["hellos_unproven"] == unproven + len(old_hellos)
+    assert n.a.counters["peer_restarts"] == 0
+    assert n.a.counters["drop_retired_epoch"] == 0
+    drive(n, ka, kb, 20)
+    n.settle()
+    assert n.a.synced and n.b.synced
+    assert_replicated(n, ka, kb)
+
+
+def test_a_new_epoch_is_adopted_once_it_proves_it_knows_ours() -> None:
+    """The real peer after a restart: its HELLO is answered, it answers bound to us."""
+    n, ka, kb = make_pair(seed=22)
+    drive(n, ka, kb, 10)
+    n.settle()
+    n.b = SyncSession(config(2), epoch=0xB0B3, now=n.now)
+    n.b.local_resync(kb.table.values(), n.now)
+    n.settle(5)
+    assert n.a.peer_epoch == 0xB0B3 and n.a.counters["peer_restarts"] == 1
+    assert n.a.counters["hellos_unproven"] >= 1  # b's first HELLO did not know a's epoch
+    assert_replicated(n, ka, kb)
+
+
+def _flow(mark: int = MARK, zone: int = 0, family: int = 4, port: int = 1000) -> Flow:
+    if family == 4:
+        key = FlowKey(4, IPPROTO_TCP, bytes([10, 0, port >> 8 & 0xFF, port & 0xFF]),
+                      bytes([192, 0, 2, 1]), port, 443, zone)
+    else:
+        key = FlowKey(6, IPPROTO_TCP, bytes(14) + port.to_bytes(2, "big"), bytes(15) + b"\x01",
+                      port, 443, zone)
+    return Flow(key, inverse(key), port, IPS_CONFIRMED, 120, mark, TCP_ESTABLISHED)
+
+
+def test_receiver_refuses_entries_without_the_mark_or_in_foreign_zones_and_families() -> None:
+    """Issue 8 item 1, defence in depth: an authenticated peer (or a stolen key) cannot plant
+    an unmarked entry, one in a zone or an address family this node does not use."""
+    rng = random.Random(23)
+    a = SyncSession(config(1), epoch=0xA1, now=0.0)
+    b = SyncSession(config(2, mark_mask=MARK, zones=frozenset({0}), families=frozenset({4})),
+                    epoch=0xB1, now=0.0)
+    n = Net(a, b, rng)
+    good = [_flow(port=p) for p in range(1000, 1010)]
+    bad = {
+        "rejected_mark": _flow(mark=0x1, port=2000),
+        "rejected_zone": _flow(zone=7, port=2001),
+        "rejected_family": _flow(family=6, port=2002),
+    }
+    n.a.local_resync([*good, *bad.values()], n.now)
+    n.run(2.0)
+    held = n.b.peer_flows()
+    assert set(held) == {f.orig for f in good}
+    for counter, f in bad.items():
+        assert n.b.counters[counter] >= 1, counter
+        assert f.orig not in held
+    refused = n.b.counters["rejected_mark"]
+    assert any(e.kind is SessionEventKind.REJECTED for e in n.b.pop_events())
+    # An update that clears the mark bit is refused too: the replica never holds the entry
+    # unmarked (it keeps the marked state, or drops it at the next resync's sweep).
+    n.a.local_events([FlowEvent(EventKind.UPDATE, good[0]._replace(mark=0, timeout=7))], n.now)
+    n.run(1.0)
+    kept = n.b.peer_flows().get(good[0].orig)
+    assert kept is None or kept.mark == MARK
+    assert n.b.counters["rejected_mark"] > refused
+
+
+def test_peer_table_over_capacity_is_a_divergence_not_memory_growth() -> None:
+    """Issue 8 item 4: the peer table is capped; overflow is counted, logged (an event),
+    makes the replica unsynced and is repaired by resyncs once the peer's table fits."""
+    rng = random.Random(24)
+    a = SyncSession(config(1), epoch=0xA1, now=0.0)
+    b = SyncSession(config(2, peer_capacity=50), epoch=0xB1, now=0.0)
+    n = Net(a, b, rng)
+    flows = [_flow(port=p) for p in range(1000, 1080)]
+    n.a.local_resync(flows, n.now)
+    n.run(3.0)
+    assert n.b.peer_count == 50
+    assert n.b.counters["peer_overflow"] >= 30  # each resync offers the 30 that do not fit
+    assert not n.b.synced
+    assert any(e.kind is SessionEventKind.PEER_OVERFLOW for e in n.b.pop_events())
+    # resyncs are requested with back-off while it does not fit, not in a storm
+    started = n.a.counters["resyncs_started"]
+    n.run(60.0)
+    assert n.b.peer_count == 50
+    # back-off doubles from 1 s to 64 s: 1+2+4+8+16+32 = 63 s, at most 6 more resyncs
+    assert n.a.counters["resyncs_started"] - started <= 6, n.a.counters["resyncs_started"]
+    # the peer's table shrinks: the next resync fits and the replica is complete again
+    gone = [FlowEvent(EventKind.DESTROY, f) for f in flows[40:]]
+    n.a.local_events(gone, n.now)
+    n.run(130.0)
+    assert n.b.synced
+    assert set(n.b.peer_flows()) == {f.orig for f in flows[:40]}
