@@ -60,6 +60,7 @@ from invictusd.worker import ActionWorker
 HOOK_FOR = {State.MASTER: "on_master", State.BACKUP: "on_backup", State.FAULT: "on_fault",
             State.INIT: "on_stop"}
 
+STOP_HOOKS_MAX = 10.0  # seconds a stop waits for on_stop (and hooks queued before it)
 HEARTBEAT = 0.25  # event-loop lag probe period (s); lateness, not the period, reveals a stall
 STALL_WARN = 0.25  # a stall longer than this is logged
 # Packets read per wake-up. The fast lane holds only genuine-looking adverts; the slow lane
@@ -214,9 +215,10 @@ class Daemon:
         self._apply(self.machine.handle(Shutdown(), loop.time()))
         if not await self.worker.drain(10):
             self.log.error("shutdown: address removal did not finish in 10 s")
-        # on_stop (and any hook still queued) runs before we exit, within its timeout.
-        if not await self.hooks.drain(self.cfg.hooks.timeout + 1):
-            self.log.warning("hooks still queued at exit", queued=self.hooks.queue.qsize())
+        # on_stop (and any hook still queued) runs before we exit, within its timeout but
+        # inside the unit's TimeoutStopSec (15 s); what is still running then is killed.
+        if not await self.hooks.drain(min(self.cfg.hooks.timeout + 1, STOP_HOOKS_MAX)):
+            self.log.warning("hooks still running at exit; killed", queued=self.hooks.queue.qsize())
         await self._close()
         self.log.info("stopped")
         return 0
