@@ -111,6 +111,31 @@ def ld_b_abs(off: int) -> Op:
     return Op(LD | B | ABS, off)
 
 
+def ld_h_abs(off: int) -> Op:
+    return Op(LD | H | ABS, off)
+
+
+def ld_mem(i: int) -> Op:
+    return Op(LD | MEM, i)
+
+
+def st(i: int) -> Op:
+    """M[i] = A."""
+    return Op(ST, i)
+
+
+def txa() -> Op:
+    return Op(MISC | TXA)
+
+
+def add_x() -> Op:
+    return Op(ALU | ADD | X)
+
+
+def rsh_k(k: int) -> Op:
+    return Op(ALU | RSH | K, k)
+
+
 def ld_w_abs(off: int) -> Op:
     return Op(LD | W | ABS, off)
 

@@ -48,6 +48,15 @@ class ProcResult:
         return f"exit {self.exit_code}"
 
 
+def _close_transport(proc: asyncio.subprocess.Process) -> None:
+    """Close our end of the pipe now: a child the program left running may hold the other end
+    for ever, and the transport would otherwise live (one fd) until garbage collection,
+    possibly after its loop is gone. asyncio has no public call for it."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -86,6 +95,7 @@ async def run(
     except asyncio.CancelledError:
         _kill_group(proc.pid)
         reader.cancel()
+        _close_transport(proc)
         raise
     duration = loop.time() - start
     try:
@@ -94,6 +104,7 @@ async def run(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+    _close_transport(proc)
     code = proc.returncode
     if timed_out:
         return ProcResult(None, None, True, duration, out.last, out.count)

@@ -157,3 +157,21 @@ def test_status_text_shows_every_check_and_the_hooks() -> None:
             "[/usr/local/sbin/check-uplink]") in text
     assert "wan1         DOWN    weight -60   last carrier or admin state down  [interface wan1]" in text
     assert "hooks    on_master ran 2x, 1 failed, last exit 1 in 30 ms" in text
+
+
+def test_systemd_unit_keeps_secrets_out_of_core_dumps() -> None:
+    """Issue 8 item 4: a core dump would hold the password and the sync key."""
+    unit = (ROOT / "systemd/invictusd.service").read_text().splitlines()
+    assert "LimitCORE=0" in unit
+    assert any(line.startswith("ExecStopPost=") and " cleanup " in line for line in unit)
+
+
+def test_node_ids_cannot_collide_on_wide_subnets() -> None:
+    """Issue 8 item 12: the low 16 bits of the sync address collided beyond /16."""
+    from ipaddress import IPv4Address as A
+
+    from invictusd.replication import node_ids
+
+    a, b = A("10.0.0.1"), A("10.1.0.1")  # same low 16 bits
+    assert node_ids(a, b) == (1, 2) and node_ids(b, a) == (2, 1)
+    assert node_ids(a, b)[0] == node_ids(b, a)[1]

@@ -44,8 +44,8 @@ def lanes(data: bytes) -> tuple[bool, bool]:
 def test_genuine_adverts_take_the_fast_lane_whatever_the_priority() -> None:
     for prio in (0, 1, 100, 254, 255):
         assert lanes(ip(advert(priority=prio))) == (True, False)
-    # IP options shift the VRRP header: the program follows the header length.
-    assert lanes(ip(advert(), options=b"\x94\x04\x00\x00")) == (True, False)
+    # With IP options it is still read (and accepted by validation), on the slow lane.
+    assert lanes(ip(advert(), options=b"\x94\x04\x00\x00")) == (False, True)
 
 
 @pytest.mark.parametrize("bad", [
@@ -58,6 +58,8 @@ def test_genuine_adverts_take_the_fast_lane_whatever_the_priority() -> None:
     ip(advert(advert_interval=2)),
     ip(b"\x31" + advert()[1:]),  # version 3
     ip(advert()[:-1]),  # one byte short
+    ip(advert() + b"\0"),  # one byte long
+    ip(advert()[:6] + bytes([advert()[6] ^ 1]) + advert()[7:]),  # checksum
     ip(b""),
 ])
 def test_anything_else_takes_the_slow_lane(bad: bytes) -> None:
@@ -76,8 +78,8 @@ def test_every_packet_goes_to_exactly_one_lane(payload: bytes, ttl: int, ihl: in
 @given(st.integers(1, 255), st.integers(0, 255), st.binary(max_size=8), st.integers(1, 255))
 def test_the_fast_lane_only_takes_what_validation_would_accept(vrid: int, prio: int, pw: bytes,
                                                                interval: int) -> None:
-    """Nothing reaches the fast lane that the receive checks would refuse (checksum and the
-    address list aside, which Python still checks on both lanes)."""
+    """Nothing reaches the fast lane that the receive checks would refuse (the address list
+    aside, which Python still checks on both lanes)."""
     pw = pw.rstrip(b"\0")
     data = ip(advert(vrid=vrid, priority=prio, auth_data=pw, advert_interval=interval))
     fast, slow = lanes(data)
@@ -95,6 +97,8 @@ def test_programs_encode_to_kernel_layout() -> None:
     raw = cbpf.encode(FAST)
     assert len(raw) == 8 * len(FAST)
     code, _, _, k = struct.unpack_from("=HBBI", raw)
+    assert code == cbpf.LD | cbpf.W | cbpf.LEN  # ld len: the exact length comes first
+    code, _, _, k = struct.unpack_from("=HBBI", raw, 8 * 4)
     assert (code, k) == (cbpf.LD | cbpf.B | cbpf.ABS, 8)  # ldb [8]: the TTL
 
 
