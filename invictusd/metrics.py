@@ -95,7 +95,12 @@ def _group(g: Mapping[str, Any]) -> Iterator[Metric]:
 
 
 def _vrrp(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
-    labels = ["interface", "vrid"]
+    # Under VRRPv3 an interface's VRID has an IPv4 and an IPv6 instance (two rows of
+    # vrrp[]): ``family`` keeps their series apart (4 for every VRRPv2 instance).
+    labels = ["interface", "vrid", "family"]
+    info = GaugeMetricFamily("invictusd_vrrp_info",
+                             "VRRP version of the instance, always 1 (vrrp[].version).",
+                             labels=[*labels, "version"])
     state = GaugeMetricFamily("invictusd_vrrp_state", "1 for the current state (vrrp[].state).",
                               labels=[*labels, "state"])
     master = GaugeMetricFamily("invictusd_vrrp_master",
@@ -104,6 +109,10 @@ def _vrrp(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
                              labels=labels)
     link = GaugeMetricFamily("invictusd_vrrp_link_up", "1 if the link is up (vrrp[].link_up).",
                              labels=labels)
+    seconds = {
+        key: GaugeMetricFamily(f"invictusd_vrrp_{key}_seconds", f"vrrp[].{key}", labels=labels)
+        for key in ("advert_interval", "master_advert_interval", "master_down_interval")
+    }
     counters = {
         key: CounterMetricFamily(f"invictusd_vrrp_{key}", f"vrrp[].counters.{key}", labels=labels)
         for key in ("adverts_sent", "adverts_received", "transitions", "garp_sent",
@@ -113,7 +122,8 @@ def _vrrp(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
                                 "Adverts dropped, by reason (vrrp[].counters.drops).",
                                 labels=[*labels, "reason"])
     for v in rows:
-        lv = [str(v.get("interface")), str(v.get("virtual_id"))]
+        lv = [str(v.get("interface")), str(v.get("virtual_id")), str(v.get("family", 4))]
+        info.add_metric([*lv, str(v.get("version", 2))], 1.0)
         for name in STATES:
             state.add_metric([*lv, name], 1.0 if v.get("state") == name else 0.0)
         master.add_metric(lv, 1.0 if v.get("state") == "master" else 0.0)
@@ -121,6 +131,9 @@ def _vrrp(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
             prio.add_metric(lv, p)
         if (up := _num(v.get("link_up"))) is not None:
             link.add_metric(lv, up)
+        for key, gauge in seconds.items():
+            if (x := _num(v.get(key))) is not None:
+                gauge.add_metric(lv, x)
         c = v.get("counters") or {}
         for key, fam in counters.items():
             if (n := _num(c.get(key))) is not None:
@@ -128,7 +141,7 @@ def _vrrp(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
         for reason, n in sorted((c.get("drops") or {}).items()):
             if (x := _num(n)) is not None:
                 drops.add_metric([*lv, str(reason)], x)
-    yield from (state, master, prio, link, *counters.values(), drops)
+    yield from (info, state, master, prio, link, *seconds.values(), *counters.values(), drops)
 
 
 def _track(t: Mapping[str, Any]) -> Iterator[Metric]:

@@ -387,11 +387,15 @@ def test_metrics_endpoint_serves_the_documented_names_with_status_values(measure
 
         # Values: exact for what cannot move between two status calls, bounded for counters.
         for v_b, v_a in zip(before["vrrp"], after["vrrp"], strict=True):
-            lv = {"interface": v_b["interface"], "vrid": str(v_b["virtual_id"])}
+            lv = {"interface": v_b["interface"], "vrid": str(v_b["virtual_id"]),
+                  "family": str(v_b["family"])}
             assert value(got, "invictusd_vrrp_state", state="master", **lv) == 1
             assert value(got, "invictusd_vrrp_master", **lv) == 1
             assert value(got, "invictusd_vrrp_priority", **lv) == v_a["priority"] == 140
             assert value(got, "invictusd_vrrp_link_up", **lv) == 1
+            assert value(got, "invictusd_vrrp_info", version=str(v_a["version"]), **lv) == 1
+            assert (value(got, "invictusd_vrrp_master_down_interval_seconds", **lv)
+                    == v_a["master_down_interval"])
             for key in ("adverts_sent", "adverts_received", "transitions", "garp_sent"):
                 x = value(got, f"invictusd_vrrp_{key}_total", **lv)
                 assert v_b["counters"][key] <= x <= v_a["counters"][key], key

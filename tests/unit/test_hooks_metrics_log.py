@@ -223,10 +223,13 @@ STATUS: dict[str, Any] = {
     "group": {"state": "master", "priority": 90, "base_priority": 150, "transitions": 2,
               "stepped_down": False, "demoted": False},
     "vrrp": [
-        {"interface": "lan0", "virtual_id": 51, "state": "master", "priority": 90, "link_up": True,
+        {"interface": "lan0", "virtual_id": 51, "version": 2, "family": 4, "state": "master",
+         "priority": 90, "link_up": True, "advert_interval": 1, "master_advert_interval": 1,
+         "master_down_interval": 3.4140625,
          "counters": {"adverts_sent": 10, "adverts_received": 3, "transitions": 2, "garp_sent": 20,
                       "addresses_restored": 0, "drops": {"ttl": 4, "auth_fail": 1}}},
-        {"interface": "wan0", "virtual_id": 52, "state": "master", "priority": 90, "link_up": False,
+        {"interface": "wan0", "virtual_id": 52, "version": 2, "family": 4, "state": "master",
+         "priority": 90, "link_up": False,
          "counters": {"adverts_sent": 9, "adverts_received": 3, "transitions": 2, "garp_sent": 20,
                       "addresses_restored": 1, "drops": {}}},
     ],
@@ -264,11 +267,16 @@ def test_metrics_render_values_of_a_snapshot() -> None:
     assert get("invictusd_group_state", state="master") == 1
     assert get("invictusd_group_state", state="fault") == 0
     assert get("invictusd_group_priority") == 90 and get("invictusd_group_base_priority") == 150
-    assert get("invictusd_vrrp_priority", interface="lan0", vrid="51") == 90
-    assert get("invictusd_vrrp_link_up", interface="wan0", vrid="52") == 0
-    assert get("invictusd_vrrp_adverts_sent_total", interface="wan0", vrid="52") == 9
-    assert get("invictusd_vrrp_drops_total", interface="lan0", vrid="51", reason="ttl") == 4
-    assert get("invictusd_vrrp_addresses_restored_total", interface="wan0", vrid="52") == 1
+    assert get("invictusd_vrrp_priority", interface="lan0", vrid="51", family="4") == 90
+    assert get("invictusd_vrrp_link_up", interface="wan0", vrid="52", family="4") == 0
+    assert get("invictusd_vrrp_adverts_sent_total", interface="wan0", vrid="52", family="4") == 9
+    assert get("invictusd_vrrp_drops_total", interface="lan0", vrid="51", family="4", reason="ttl") == 4
+    assert get("invictusd_vrrp_addresses_restored_total", interface="wan0", vrid="52", family="4") == 1
+    assert get("invictusd_vrrp_info", interface="lan0", vrid="51", family="4", version="2") == 1
+    assert get("invictusd_vrrp_master_down_interval_seconds", interface="lan0", vrid="51",
+               family="4") == 3.4140625
+    assert ("invictusd_vrrp_advert_interval_seconds",
+            (("family", "4"), ("interface", "wan0"), ("vrid", "52"))) not in v  # not in the row
     assert get("invictusd_track_up", check="wan1") == 0 and get("invictusd_track_up", check="uplink") == 1
     assert get("invictusd_track_state", check="wan1", state="down") == 1
     assert get("invictusd_track_priority_delta") == -60 and get("invictusd_track_faults") == 0
@@ -284,6 +292,36 @@ def test_metrics_render_values_of_a_snapshot() -> None:
     assert get("invictusd_sync_rate", what="events") == 100.5
     assert ("invictusd_sync_rtt_seconds", ()) not in v  # absent in the snapshot: no series
     assert get("invictusd_loop_max_lag_seconds") == 0.3 and get("invictusd_loop_stalls_total") == 1
+
+
+def test_metrics_of_v3_instances_are_apart_by_family() -> None:
+    """Under VRRPv3 a table has an IPv4 and an IPv6 instance with the same interface and
+    VRID (two rows of status): their series differ by ``family``, and the fields of v3
+    (the version, the master's adopted interval) are served."""
+    row = {"interface": "lan0", "virtual_id": 51, "version": 3, "state": "backup",
+           "priority": 90, "link_up": True, "advert_interval": 1.0,
+           "master_advert_interval": 0.05, "master_down_interval": 0.167578125,
+           "counters": {"adverts_sent": 0, "adverts_received": 40, "transitions": 1,
+                        "garp_sent": 0, "addresses_restored": 0, "drops": {"source": 2}}}
+    rows = [{**row, "family": 4}, {**row, "family": 6, "counters": {
+        **row["counters"], "adverts_received": 39, "drops": {"source": 3}}}]
+    text = metrics.render({**STATUS, "vrrp": rows}).decode()
+    v = _values(text)  # a duplicate sample would be lost here: count them in the text too
+    assert text.count('invictusd_vrrp_priority{') == 2
+
+    def get(name: str, family: str, **labels: str) -> float:
+        key = {"interface": "lan0", "vrid": "51", "family": family, **labels}
+        return v[(name, tuple(sorted(key.items())))]
+
+    for family in ("4", "6"):
+        assert get("invictusd_vrrp_info", family, version="3") == 1
+        assert get("invictusd_vrrp_state", family, state="backup") == 1
+        assert get("invictusd_vrrp_master_advert_interval_seconds", family) == 0.05
+        assert get("invictusd_vrrp_advert_interval_seconds", family) == 1.0
+        assert get("invictusd_vrrp_master_down_interval_seconds", family) == 0.167578125
+    assert get("invictusd_vrrp_adverts_received_total", "4") == 40
+    assert get("invictusd_vrrp_adverts_received_total", "6") == 39
+    assert get("invictusd_vrrp_drops_total", "6", reason="source") == 3
 
 
 def test_metrics_without_sync_track_or_hooks() -> None:
