@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from invictusd.lab.configs import LAN_VRID
+from invictusd.lab.topology import LabConfig
 from invictusd.vrrp import packet
 from tests.netns.daemons import Pair, lab_pair, pcap_frames, wait_for
 from tests.netns.test_replication import tables
@@ -472,3 +474,79 @@ def test_advert_priority_on_the_wire_follows_the_weight() -> None:
         prios = {packet.decode_ip(frame[14:])[2].priority for _, frame in pcap_frames(path)
                  if len(frame) > 34 and frame[23] == 112}
         assert prios == {1}  # 100 - 99
+
+
+# ---- under VRRPv3 (issue 10) -------------------------------------------------------------------
+
+
+def test_v3_weight_moves_both_families_hooks_list_ipv6_and_metrics_keep_families_apart(
+    measure: Any,
+) -> None:
+    """VRRPv3 at 0.1 s with IPv4 and IPv6 addresses: a tracked interface losing carrier lowers
+    what fw1 advertises on its IPv4 and its IPv6 instances alike (seen on the wire), the
+    preempting fw2 takes every address of both families, its on_master hook finds them in
+    INVICTUSD_VIPS and on the interfaces, and the metrics keep a VRID's two instances apart."""
+    from tests.netns.test_vrrp_v3 import adverts_on_wire, md, sole_holder
+
+    with lab_pair(LabConfig(ipv6=True)) as pair:
+        lab, c = pair.lab, pair.lab.config
+        script = lab.write_file("hook.sh", HOOK_SCRIPT.format(dir=lab.workdir))
+        script.chmod(0o755)
+        lab.exec("fw1", "ip", "link", "add", "uplink9", "type", "veth", "peer", "name", "far9")
+        lab.exec("fw1", "ip", "link", "set", "far9", "up")
+        lab.exec("fw1", "ip", "link", "set", "uplink9", "up")
+        v3 = {"version": 3, "advert_interval": 0.1}
+        pair.configure("fw1", start_as_master=True, password=None, vrrp_extra=v3,
+                       extra='[[track]]\ninterface = "uplink9"\nweight = -60\n')
+        pair.configure("fw2", password=None, vrrp_extra={**v3, "priority": 120, "preempt": True},
+                       extra=f"[hooks]\non_master = {json.dumps([str(script), 'fw2'])}\n")
+        pair.start("fw1")
+        pair.start("fw2")
+        wait_for(lambda: sole_holder(lab) == "fw1", 5, what="fw1 holding every VIP, v4 and v6")
+        ll1 = lab.link_local("fw1", c.lan_if)
+        cap = lab.start_capture("fw2", c.lan_if, "ip proto 112 or ip6 proto 112")
+        time.sleep(0.5)
+
+        t0 = time.monotonic()
+        lab.exec("fw1", "ip", "link", "set", "far9", "down")
+        wait_for(lambda: sole_holder(lab) == "fw2", 3, step=0.01, what="fw2 holding every VIP")
+        took = time.monotonic() - t0
+        measure("v3 0.1 s: preemption after a tracked interface lost carrier (150 - 60 < 120)",
+                f"{took:.3f}s (fw2's Master_Down {md(0.1, 120):.3f}s)")
+        assert took <= md(0.1, 120) + MARGIN
+        s1 = pair.status("fw1")
+        assert (s1["group"]["state"], s1["group"]["priority"], s1["group"]["base_priority"]) == (
+            "backup", 90, 150)
+        assert [(v["family"], v["priority"]) for v in s1["vrrp"]] == [
+            (4, 90), (6, 90), (4, 90), (6, 90)]
+        time.sleep(1.5)  # tcpdump hands packets over in blocks
+        seen = adverts_on_wire(cap.stop())
+        for source in (c.fw_lan_ips[0], ll1):  # fw1's IPv4 and IPv6 instances on the LAN
+            prios = [p for _, src, p in seen if src == source]
+            assert prios[0] == 150 and 90 in prios, (source, prios)
+            # 150 until the carrier went, then 90 (and at most a goodbye, never 150 again).
+            assert set(prios[prios.index(90):]) <= {90}, (source, prios)
+
+        # fw2's on_master hook: every address of both families, in its environment and in place.
+        wait_for(lambda: _hook_records(lab.workdir, "fw2"), 5, what="fw2's on_master hook")
+        record = _hook_records(lab.workdir, "fw2")[-1]
+        assert record["INVICTUSD_STATE"] == "master"
+        assert record["INVICTUSD_VIPS"].split() == [
+            f"{c.lan_vip}/{c.prefix4}", f"{c.lan_vip6}/{c.prefix6}",
+            f"{c.wan_vip}/{c.prefix4}", f"{c.wan_vip6}/{c.prefix6}"]
+        for vip in (c.lan_vip6, c.wan_vip6):
+            assert re.search(rf"inet6 {re.escape(vip)}/", record["ADDRESSES"]), vip
+
+        # Metrics: the IPv4 and IPv6 instances of the LAN VRID are two series each.
+        got = samples(lab.exec("fw2", sys.executable, "-m", "invictusd", "metrics", "--config",
+                               str(pair.configs["fw2"])))
+        lan = {"interface": c.lan_if, "vrid": str(LAN_VRID)}
+        for family in ("4", "6"):
+            assert value(got, "invictusd_vrrp_master", family=family, **lan) == 1
+            assert value(got, "invictusd_vrrp_info", family=family, version="3", **lan) == 1
+            assert value(got, "invictusd_vrrp_master_advert_interval_seconds", family=family,
+                         **lan) == 0.1
+        got1 = samples(lab.exec("fw1", sys.executable, "-m", "invictusd", "metrics", "--config",
+                                str(pair.configs["fw1"])))
+        assert value(got1, "invictusd_vrrp_priority", family="6", **lan) == 90
+        assert value(got1, "invictusd_group_base_priority") == 150
