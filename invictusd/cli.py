@@ -1,4 +1,5 @@
-"""Command line: run | check | status | step-down | resume | reload | cleanup | keygen | demo."""
+"""Command line: run | check | status | metrics | step-down | resume | reload | cleanup | keygen |
+demo."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, text in (
         ("status", "show the daemon's state"),
+        ("metrics", "print the Prometheus metrics (as [metrics] listen serves them)"),
         ("step-down", "hand mastership to the peer and stay backup"),
         ("resume", "undo step-down"),
         ("reload", "re-read the configuration (like SIGHUP)"),
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     handler = {
-        "run": _run, "check": _check, "status": _status, "step-down": _simple,
+        "run": _run, "check": _check, "status": _status, "metrics": _metrics, "step-down": _simple,
         "resume": _simple, "reload": _simple, "cleanup": _cleanup, "keygen": _keygen, "demo": _demo,
     }[args.command]
     return handler(args)
@@ -69,8 +71,17 @@ def _load(path: str) -> Any:
     try:
         return load(path)
     except ConfigError as e:
-        print(f"invictusd: configuration error: {e}", file=sys.stderr)
+        _print_errors(e)
         return None
+
+
+def _print_errors(e: Any) -> None:
+    """Every error of a ``ConfigError``, one per line."""
+    errors = e.errors
+    for one in errors:
+        print(f"invictusd: configuration error: {one}", file=sys.stderr)
+    if len(errors) > 1:
+        print(f"invictusd: {len(errors)} errors", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -97,22 +108,41 @@ def _check(args: argparse.Namespace) -> int:
 
         from invictusd.config import ConfigError, check_system
         from invictusd.io.links import Links
+        from invictusd.metrics import bind_error
 
         links = Links()
+        errors: list[ConfigError] = []
         try:
             infos, _, _ = asyncio.run(links.snapshot())
             cfg = check_system(cfg, infos)
         except ConfigError as e:
-            print(f"invictusd: configuration error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+            errors += e.errors
         finally:
             links.close()
+        bind = bind_error(cfg, in_use_by_us=_daemon_listens(cfg))
+        if bind is not None:
+            errors.append(bind)
+        if errors:
+            _print_errors(ConfigError.of(errors))
+            return EXIT_CONFIG
     for w in cfg.warnings:
         print(f"invictusd: warning: {w}", file=sys.stderr)
     groups = ", ".join(f"{v.interface} (VRID {v.virtual_id})" for v in cfg.vrrp)
     print(f"{cfg.path}: OK: group of {len(cfg.vrrp)}: {groups}"
           + (f"; sync on {cfg.sync.interface}" if cfg.sync.enabled else ""))
     return EXIT_OK
+
+
+def _daemon_listens(cfg: Any) -> bool:
+    """The running daemon of this config serves its metrics at the configured address (so
+    that address being taken is no error of the file)."""
+    from invictusd import control
+
+    try:
+        reply = control.request(cfg.node.control_socket, "status", timeout=2)
+    except (OSError, ValueError):
+        return False
+    return bool(reply.get("metrics", {}).get("listen") == cfg.metrics.listen)
 
 
 def _socket_path(args: argparse.Namespace) -> str | None:
@@ -161,6 +191,17 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    reply = _ask(args, "metrics")
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if not reply.get("ok"):
+        print(f"invictusd: metrics failed: {reply.get('error')}", file=sys.stderr)
+        return EXIT_ERROR
+    sys.stdout.write(str(reply["text"]))
+    return EXIT_OK
+
+
 def format_status(s: dict[str, Any]) -> str:
     g = s["group"]
     flags = [f for f, on in (("stepped down", g["stepped_down"]),
@@ -200,6 +241,30 @@ def format_status(s: dict[str, Any]) -> str:
             f"queue {sync.get('queue_depth', 0)}, in flight {sync.get('inflight', 0)}, "
             f"lag {sync.get('lag', 0)}s"
         )
+    track = s.get("track") or {}
+    checks = track.get("checks") or []
+    if checks:
+        lines.append(f"  track    priority {g.get('priority')} (configured {g.get('base_priority')}, "
+                     f"delta {track.get('priority_delta', 0):+d})"
+                     + (f", FAULT by {', '.join(track['faults'])}" if track.get("faults") else ""))
+        for c in checks:
+            what = " ".join(c.get("command") or []) or f"interface {c.get('interface')}"
+            ms = c.get("last_duration_ms")
+            lines.append(
+                f"           {c['name']:<12} {str(c['state']).upper():<7} weight {c['weight']:<5} "
+                f"last {c.get('last_detail') or '-'}"
+                + (f" in {ms:.0f} ms" if ms is not None and c.get("kind") == "command" else "")
+                + (f": {c['last_output']}" if c.get("last_output") else "")
+                + f"  [{what}]"
+            )
+    hooks = s.get("hooks") or {}
+    ran = [(k, h) for k, h in hooks.items() if isinstance(h, dict) and h.get("argv")]
+    if ran:
+        lines.append("  hooks    " + "; ".join(
+            f"{k} ran {h['runs']}x, {h['failures']} failed"
+            + (f", last {h['last_result']} in {h['last_duration_ms']:.0f} ms"
+               if h.get("last_result") else "")
+            for k, h in ran))
     loop = s.get("loop", {})
     lines.append(f"  loop     stalls {loop.get('stalls', 0)}, max lag {loop.get('max_lag_ms', 0)} ms")
     return "\n".join(lines)

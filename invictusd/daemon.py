@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from invictusd import __version__, control, log
+from invictusd import __version__, control, log, metrics
 from invictusd.config import (
     Config,
     ConfigError,
@@ -31,7 +31,9 @@ from invictusd.config import (
     check_system,
     load,
 )
+from invictusd.hooks import HookJob, HookRunner, environment
 from invictusd.installed import Installed, RecordError, read
+from invictusd.io.checks import CheckRunner
 from invictusd.io.garp import GarpSocket, NeighbourAdvertiser
 from invictusd.io.links import Links
 from invictusd.io.markrule import MarkRuleError, remove_table
@@ -41,6 +43,7 @@ from invictusd.io.vrrp_socket import VrrpSocket
 from invictusd.loopmon import LoopMonitor
 from invictusd.notify import Notifier
 from invictusd.replication import ReplicaEnv
+from invictusd.track import Change
 from invictusd.vrrp import packet, plan, receive
 from invictusd.vrrp.machine import (
     Action,
@@ -59,10 +62,16 @@ from invictusd.vrrp.machine import (
     State,
     StepDown,
     Tick,
+    TrackChanged,
     Transition,
 )
 from invictusd.worker import ActionWorker
 
+# Group state -> the [hooks] key run on entering it (INIT is only entered by a stop).
+HOOK_FOR = {State.MASTER: "on_master", State.BACKUP: "on_backup", State.FAULT: "on_fault",
+            State.INIT: "on_stop"}
+
+STOP_HOOKS_MAX = 10.0  # seconds a stop waits for on_stop (and hooks queued before it)
 HEARTBEAT = 0.25  # event-loop lag probe period (s); lateness, not the period, reveals a stall
 STALL_WARN = 0.25  # a stall longer than this is logged
 # Packets read per wake-up. The fast lane holds only genuine-looking adverts; the slow lane
@@ -167,11 +176,18 @@ class Daemon:
         self.last_stall: dict[str, Any] | None = None
         self.last_takeover: dict[str, Any] | None = None
         self._took_over_at: float | None = None
+        self.last_loop_lag = 0.0
+        self.checks: CheckRunner | None = None
+        self.hooks = HookRunner(self.log)
+        self._hook_task: asyncio.Future[None] | None = None
+        self._metrics: metrics.MetricsServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         loop.set_exception_handler(self._on_loop_error)
         loop.set_task_factory(self.monitor.task_factory)
         try:
@@ -184,9 +200,15 @@ class Daemon:
 
         self.notifier.stopping()
         assert self.machine is not None
+        if self.checks is not None:
+            await self.checks.stop()
         self._apply(self.machine.handle(Shutdown(), loop.time()))
         if not await self.worker.drain(10):
             self.log.error("shutdown: address removal did not finish in 10 s")
+        # on_stop (and any hook still queued) runs before we exit, within its timeout but
+        # inside the unit's TimeoutStopSec (15 s); what is still running then is killed.
+        if not await self.hooks.drain(min(self.cfg.hooks.timeout + 1, STOP_HOOKS_MAX)):
+            self.log.warning("hooks still running at exit; killed", queued=self.hooks.queue.qsize())
         await self._close()
         self.log.info("stopped")
         return 0
@@ -214,6 +236,20 @@ class Daemon:
         for inst in self.instances:
             if not link_up.get(inst.ifname, False):
                 self._apply(self.machine.handle(LinkChanged(inst.index, False), loop.time()))
+        m = self.cfg.metrics
+        if m.listen:
+            try:
+                self._metrics = metrics.MetricsServer(m.host, m.port, self._snapshot_from_thread)
+            except OSError as e:
+                raise self.cfg.error("metrics.listen",
+                                     f"cannot listen on {m.listen}: {e.strerror}") from None
+        self._hook_task = asyncio.ensure_future(self.hooks.run())
+        if self.cfg.track:
+            # Every check reports once before the group starts: a node whose uplink check
+            # fails at boot starts in FAULT instead of becoming master for a moment.
+            self.checks = CheckRunner(self.cfg.track, self._on_check_change, self.log)
+            self.checks.start(link_up)
+            await self.checks.first_results(max(t.timeout for t in self.cfg.track) + 0.5)
 
         if self.cfg.sync.enabled and self._replica_factory is not None:
             self.replica = self._replica_factory(self.cfg)
@@ -287,6 +323,13 @@ class Daemon:
         if self._timer:
             self._timer.cancel()
         await self.worker.stop()
+        if self.checks is not None:
+            await self.checks.stop()
+        if self._hook_task is not None:
+            self._hook_task.cancel()
+        if self._metrics is not None:
+            await loop.run_in_executor(None, self._metrics.close)
+            self._metrics = None
         if hasattr(self, "_heartbeat_task"):
             self._heartbeat_task.cancel()
         if self.replica is not None:
@@ -418,6 +461,8 @@ class Daemon:
             now = asyncio.get_running_loop().time()
             for ev in events:
                 if isinstance(ev, LinkEvent):
+                    if self.checks is not None and ev.name:
+                        self.checks.link(ev.name, None if ev.deleted else ev.up, now)
                     if self.replica is not None:
                         self.replica.link_changed(ev.ifindex, ev.up)
                     for i in self._by_ifindex.get(ev.ifindex, ()):
@@ -453,13 +498,21 @@ class Daemon:
     # ---- actions -----------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        hooks: list[HookJob] = []
         for a in actions:
             if isinstance(a, SendAdvert):
                 self._send_advert(a.index, a.priority)
             elif isinstance(a, Transition):
                 self._on_transition(a)
+                job = self._hook_job(a)
+                if job is not None:
+                    hooks.append(job)
             else:
                 self.worker.submit(a)
+        # After the transition's own work was handed to the worker: each hook waits for the
+        # worker to finish it (see _hook_job).
+        for job in hooks:
+            self.hooks.submit(job)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -498,9 +551,12 @@ class Daemon:
         assert self.machine is not None
         level = self.log.warning if t.new in (State.FAULT,) or t.old is State.MASTER else (
             self.log.info)
+        extra: dict[str, Any] = {"priority": self.machine.priority}
+        if self.machine.track_faults or self.machine.track_delta:
+            extra["tracks_down"] = list(self.checks.tracker.verdict().down) if self.checks else []
         for v in self.cfg.vrrp:
             level("state change", old=t.old.value, new=t.new.value, reason=t.reason,
-                  interface=v.interface, vrid=v.virtual_id)
+                  interface=v.interface, vrid=v.virtual_id, kind="transition", **extra)
         if t.new is State.MASTER:
             self._took_over_at = time.perf_counter()
         if self.replica is not None and (t.new is State.MASTER or t.old is State.MASTER):
@@ -566,6 +622,10 @@ class Daemon:
         assert self.machine is not None
         _, _, link_up = await self.links.snapshot()
         now = asyncio.get_running_loop().time()
+        if self.checks is not None:
+            for t in self.cfg.track:
+                if t.interface:
+                    self.checks.link(t.interface, link_up.get(t.interface), now)
         for inst in self.instances:
             self._apply(self.machine.handle(LinkChanged(inst.index, link_up.get(inst.ifname, False)), now))
         if self.machine.state is State.MASTER:
@@ -573,6 +633,45 @@ class Daemon:
 
     def action_failed(self, what: str, error: BaseException) -> None:
         self.log.error("action failed", action=what, error=repr(error))
+
+    # ---- health checks and hooks --------------------------------------------------------
+
+    def _on_check_change(self, change: Change) -> None:
+        assert self.machine is not None
+        before = self.machine.priority
+        v = change.verdict
+        now = asyncio.get_running_loop().time()
+        self._apply(self.machine.handle(TrackChanged(v.faults, v.delta, change.reason), now))
+        if self.machine.priority != before:
+            self.log.warning(
+                "priority changed", old=before, new=self.machine.priority, reason=change.reason,
+                check=change.name, tracks_down=list(v.down), kind="priority")
+
+    def _hook_job(self, t: Transition) -> HookJob | None:
+        assert self.machine is not None
+        hook = HOOK_FOR.get(t.new)
+        argv: tuple[str, ...] = getattr(self.cfg.hooks, hook) if hook else ()
+        if hook is None or not argv:
+            return None
+        m = self.machine
+        env = environment(
+            hook=hook, state="stop" if t.new is State.INIT else t.new.value,
+            old_state=t.old.value, reason=t.reason, node=self.cfg.node.name,
+            # Every table's addresses, both families (under VRRPv3 the IPv6 ones are
+            # advertised by instances of their own, but they move with the group all the same).
+            vips=[str(a) for table in range(len(self.cfg.vrrp)) for a in self._wanted(table)],
+            interfaces=[v.interface for v in self.cfg.vrrp],
+            vrids=[v.virtual_id for v in self.cfg.vrrp], priority=m.priority,
+            track_down=self.checks.tracker.verdict().down if self.checks else (),
+            sequence=m.transitions,
+        )
+        return HookJob(hook, argv, env, self.cfg.hooks.timeout,
+                       asyncio.get_running_loop().time(), ready=self._transition_work_done)
+
+    async def _transition_work_done(self) -> None:
+        """A hook starts once the worker has done what its transition asked (addresses,
+        gratuitous ARP): ``on_master`` finds the addresses in place."""
+        await self.worker.drain(self.cfg.hooks.timeout)
 
     def _wanted(self, table: int) -> list[IPv4If | IPv6If]:
         """Every virtual address of the [[vrrp]] table ``table`` (both families)."""
@@ -647,6 +746,8 @@ class Daemon:
             return {"ok": True}
         if cmd == "reload":
             return await self.reload()
+        if cmd == "metrics":
+            return {"ok": True, "text": metrics.render(self.status()).decode()}
         if cmd == "tables":
             if self.replica is None:
                 return {"ok": False, "error": "replication is not enabled ([sync] enabled = false)"}
@@ -677,6 +778,7 @@ class Daemon:
             expected = now + HEARTBEAT
             step, culprit = self.monitor.take()
             stall = max(lag, step)
+            self.last_loop_lag = stall
             self.max_loop_lag = max(self.max_loop_lag, stall)
             if stall > STALL_WARN:
                 self.loop_stalls += 1
@@ -748,6 +850,8 @@ class Daemon:
             "uptime": round(time.time() - self._started_wall, 3),
             "group": {
                 "state": m.state.value,
+                "priority": m.priority,
+                "base_priority": m.base.instances[m.params.lead].priority if m.base else None,
                 "preempt": m.params.preempt,
                 "stepped_down": m.stepped_down,
                 "demoted": m.demoted,
@@ -761,9 +865,25 @@ class Daemon:
                           "addresses": self.installed.state.addresses,
                           "nft_tables": self.installed.state.nft_tables},
             "worker": dict(self.worker.counters),
+            "track": {
+                "priority_delta": m.track_delta,
+                "faults": list(m.track_faults),
+                "checks": self.checks.status(now) if self.checks is not None else [],
+            },
+            "hooks": self.hooks.status(self.cfg.hooks),
+            "metrics": {"listen": self.cfg.metrics.listen or None},
             "loop": {"stalls": self.loop_stalls, "max_lag_ms": round(self.max_loop_lag * 1000, 1),
+                     "lag_ms": round(max(self.last_loop_lag, 0.0) * 1000, 1),
                      "last_stall": self.last_stall, "callback_errors": self.callback_errors},
         }
+
+    async def _status_now(self) -> dict[str, Any]:
+        return self.status()
+
+    def _snapshot_from_thread(self) -> dict[str, Any]:
+        """A status snapshot for the metrics server's thread, taken on the event loop."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._status_now(), self._loop).result(timeout=5)
 
 
 class _Timer:
@@ -817,7 +937,9 @@ def _needs_restart(old: Config, new: Config) -> str:
                     changed.append(f"vrrp[{t}] {what}")
     for what, was, now in (("[sync]", old.sync, new.sync),
                            ("the control socket", old.node.control_socket, new.node.control_socket),
-                           ("the runtime directory", old.node.runtime_dir, new.node.runtime_dir)):
+                           ("the runtime directory", old.node.runtime_dir, new.node.runtime_dir),
+                           ("[[track]]", old.track, new.track),
+                           ("[metrics]", old.metrics, new.metrics)):
         if was != now:
             changed.append(what)
     if changed:

@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== ruff"; python3 -m ruff check invictusd tests benchmarks
-echo "== mypy --strict"; python3 -m mypy invictusd
+# The interpreter of the installed environment (scripts/setup.sh); the tests import this
+# checkout (the current directory comes first on sys.path).
+PY=${INVICTUSD_VENV:-/opt/invictusd}/bin/python
+echo "== ruff"; "$PY" -m ruff check invictusd tests benchmarks
+echo "== mypy --strict"; "$PY" -m mypy invictusd
 echo "== pytest"
-exec python3 -m pytest -q -p no:cacheprovider "$@" tests
+exec "$PY" -m pytest -q -p no:cacheprovider "$@" tests

@@ -23,6 +23,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFLA_IFNAME = 3
 
 RCVBUF = 4 << 20  # address and link storms (many VLANs coming up) must not overrun it
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -41,6 +42,7 @@ class LinkEvent(NamedTuple):
     ifindex: int
     up: bool  # administratively up and carrier present
     deleted: bool
+    name: str = ""  # IFLA_IFNAME (tracked interfaces are named, and may come and go)
 
 
 class AddrEvent(NamedTuple):
@@ -64,7 +66,8 @@ def parse(buf: bytes) -> list[LinkEvent | AddrEvent]:
                 raise RtnlError("ifinfomsg", body, "truncated")
             _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(buf, body)
             up = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
-            out.append(LinkEvent(index, up and mtype == RTM_NEWLINK, mtype == RTM_DELLINK))
+            name = _name_attr(buf, body + _IFINFOMSG.size, off + length)
+            out.append(LinkEvent(index, up and mtype == RTM_NEWLINK, mtype == RTM_DELLINK, name))
         elif mtype in (RTM_NEWADDR, RTM_DELADDR):
             if body + _IFADDRMSG.size > off + length:
                 raise RtnlError("ifaddrmsg", body, "truncated")
@@ -75,6 +78,17 @@ def parse(buf: bytes) -> list[LinkEvent | AddrEvent]:
                     out.append(AddrEvent(index, addr, prefixlen, mtype == RTM_DELADDR))
         off += (length + 3) & ~3
     return out
+
+
+def _name_attr(buf: bytes, off: int, end: int) -> str:
+    while off + _NLATTR.size <= end:
+        alen, atype = _NLATTR.unpack_from(buf, off)
+        if alen < _NLATTR.size or off + alen > end:
+            raise RtnlError("nla_len", off, f"{alen} does not fit")
+        if atype == IFLA_IFNAME:
+            return buf[off + 4 : off + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
+        off += (alen + 3) & ~3
+    return ""
 
 
 def _addr_attr(

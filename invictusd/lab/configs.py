@@ -35,12 +35,14 @@ def daemon_config(
     password: str | None = PASSWORD,
     table_extra: dict[str, dict[str, Any]] | None = None,
     families: tuple[int, ...] = (4, 6),
+    extra: str = "",
 ) -> str:
     """The TOML of ``node`` (fw1 or fw2): LAN and WAN in one group, optional sync.
 
     ``table_extra`` adds keys to one table (``{"lan": {"unicast_peers": [...]}}``);
     ``families`` picks the virtual addresses (IPv6 ones only when the lab has IPv6);
-    ``password=None`` leaves the key out (VRRPv3 needs none).
+    ``password=None`` leaves the key out (VRRPv3 needs none); ``extra`` is more TOML text
+    appended after the tables (``[[track]]``, ``[hooks]``, ``[metrics]``...).
     """
     c = lab.config
     i = 0 if node == "fw1" else 1
@@ -77,13 +79,14 @@ def daemon_config(
             f'interface = "{c.sync_if}"',
             f'peer_address = "{c.sync_ips[1 - i]}"',
         ]
-        extra = sync_extra or {}
-        if "mark_bit" not in extra:
+        more = sync_extra or {}
+        if "mark_bit" not in more:
             lines.append("mark_bit = 30")
-        if not {"key_file", "key_credential"} & set(extra):
+        if not {"key_file", "key_credential"} & set(more):
             lines.append(f'key_file = "{sync_key(lab)}"')
-        lines += [f"{k} = {_toml_value(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
+        lines += [f"{k} = {_toml_value(v)}" for k, v in more.items()]
+    # More tables ([[track]], [hooks], [metrics]...), as TOML text.
+    return "\n".join(lines) + "\n" + (f"\n{extra.strip()}\n" if extra.strip() else "")
 
 
 def sync_key(lab: Lab) -> Path:

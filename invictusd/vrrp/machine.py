@@ -31,6 +31,8 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from invictusd.track import bounded_priority
+
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
 
@@ -150,6 +152,20 @@ class Reconfigure:
     params: GroupParams
 
 
+@dataclass(frozen=True, slots=True)
+class TrackChanged:
+    """The node's health checks (``invictusd.track``) say something new.
+
+    ``faults`` names the down checks that take the group out of mastership (FAULT, as a lost
+    link does); ``delta`` is added to every configured priority (bounded 1..254), which
+    changes what we advertise and so election and preemption, never a transition by itself.
+    """
+
+    faults: tuple[str, ...] = ()
+    delta: int = 0
+    reason: str = ""
+
+
 Event = (
     Startup
     | Tick
@@ -160,6 +176,7 @@ Event = (
     | Resume
     | SetDemoted
     | Reconfigure
+    | TrackChanged
 )
 
 # ---- actions -----------------------------------------------------------------------------
@@ -236,12 +253,18 @@ class GroupMachine:
     transitions: int = 0
     instances: list[InstanceView] = field(default_factory=list)
     _lead_peer: _Peer | None = None
+    # Health checks: ``params`` holds the priorities we advertise (configured + track delta);
+    # ``base`` the configured ones.
+    base: GroupParams | None = None
+    track_faults: tuple[str, ...] = ()
+    track_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.params.instances:
             raise ValueError("a group needs at least one instance")
         self.instances = [InstanceView() for _ in self.params.instances]
         self.params = _checked(self.params)
+        self.base = self.params
 
     # ---- public API --------------------------------------------------------------------
 
@@ -345,6 +368,9 @@ class GroupMachine:
                 if not v.link_up]
         if down:
             self._goto(State.FAULT, f"link down: {', '.join(down)}", now, out)
+            self._clear_timers()
+        elif self.track_faults:
+            self._goto(State.FAULT, _track_down(self.track_faults), now, out)
             self._clear_timers()
         elif all(p.priority == 255 for p in self.params.instances):
             self._become_master(f"{reason}: address owner (priority 255)", now, out)
@@ -466,7 +492,8 @@ class GroupMachine:
                 self._leave_with_priority_zero(out)
             self._goto(State.FAULT, f"link down: {iface}", now, out)
             self._clear_timers()
-        elif ev.up and self.state is State.FAULT and all(x.link_up for x in self.instances):
+        elif (ev.up and self.state is State.FAULT and all(x.link_up for x in self.instances)
+              and not self.track_faults):
             self._initialize(f"link up: {iface}", now, out)
 
     def _link_init(self, ev: LinkChanged, now: float, out: list[Action]) -> None:
@@ -505,12 +532,41 @@ class GroupMachine:
                 "reconfigure cannot change interfaces, VRIDs, families or the VRRP version; "
                 "restart instead"
             )
-        self.params = ev.params
-        if self.state is State.MASTER:
-            for p, v in zip(new, self.instances, strict=True):
-                v.master_priority = p.priority
+        # The configured priorities; what we advertise adds the track delta to them.
+        self.base = ev.params
+        self._apply_delta()
         if self.state is State.MASTER and self.garp_at is None and ev.params.garp_refresh > 0:
             self.garp_at = now + ev.params.garp_refresh
+
+    def _apply_delta(self) -> None:
+        """``params`` = the configured priorities plus the track delta, bounded 1..254."""
+        assert self.base is not None  # set in __post_init__
+        self.params = replace(self.base, instances=tuple(
+            replace(p, priority=bounded_priority(p.priority, self.track_delta))
+            for p in self.base.instances
+        ))
+        if self.state is State.MASTER:
+            for p, v in zip(self.params.instances, self.instances, strict=True):
+                v.master_priority = p.priority
+
+    def _track_init(self, ev: TrackChanged, now: float, out: list[Action]) -> None:
+        """Before startup: remembered; ``Startup`` goes to FAULT if a check faults us."""
+        self.track_faults, self.track_delta = ev.faults, ev.delta
+        self._apply_delta()
+
+    def _track(self, ev: TrackChanged, now: float, out: list[Action]) -> None:
+        self.track_faults, self.track_delta = ev.faults, ev.delta
+        # A new priority is only advertised (next advert); election and preemption follow
+        # from the peers' reactions, as for a reload.
+        self._apply_delta()
+        if ev.faults and self.state is not State.FAULT:
+            if self.state is State.MASTER:
+                self._leave_with_priority_zero(out)
+            self._goto(State.FAULT, ev.reason or _track_down(ev.faults), now, out)
+            self._clear_timers()
+        elif (not ev.faults and self.state is State.FAULT
+              and all(v.link_up for v in self.instances)):
+            self._initialize(ev.reason or "track up", now, out)
 
 
 _Handler = Callable[[GroupMachine, "Event", float, list[Action]], None]
@@ -538,6 +594,12 @@ _rows((_S.BACKUP, _S.MASTER, _S.FAULT), StepDown, GroupMachine._step_down)
 _rows(_ALL, Resume, GroupMachine._resume)
 _rows(_ALL, SetDemoted, GroupMachine._set_demoted)
 _rows(_ALL, Reconfigure, GroupMachine._reconfigure)
+_rows((_S.INIT,), TrackChanged, GroupMachine._track_init)
+_rows((_S.BACKUP, _S.MASTER, _S.FAULT), TrackChanged, GroupMachine._track)
+
+
+def _track_down(faults: tuple[str, ...]) -> str:
+    return "track down: " + ", ".join(faults)
 
 
 def _checked(params: GroupParams) -> GroupParams:

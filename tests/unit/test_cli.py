@@ -115,6 +115,50 @@ def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
 
 
+def test_check_reports_every_error_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = GOOD.replace("virtual_id = 51", "virtual_id = 300") + "start_as_mastr = true\n"
+    path = _write(tmp_path, text)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"invictusd: configuration error: {path}:5: vrrp[0].virtual_id: 300 is out of range 1..255",
+        f"invictusd: configuration error: {path}:7: vrrp[0].start_as_mastr: unknown key; "
+        'did you mean "start_as_master"?',
+        "invictusd: 2 errors",
+    ]
+
+
+def test_metrics_of_a_missing_daemon_exits_3(tmp_path: Path) -> None:
+    assert main(["metrics", "--socket", str(tmp_path / "nothing.sock")]) == 3
+
+
+def test_status_text_shows_every_check_and_the_hooks() -> None:
+    from invictusd.cli import format_status
+
+    s = {
+        "version": "0.1.0", "node": "fw1", "pid": 1, "uptime": 5,
+        "group": {"state": "fault", "stepped_down": False, "demoted": False, "demoted_reason": "",
+                  "preempt": True, "transitions": 3, "priority": 90, "base_priority": 150},
+        "vrrp": [],
+        "track": {"priority_delta": -60, "faults": ["uplink"], "checks": [
+            {"name": "uplink", "kind": "command", "command": ["/usr/local/sbin/check-uplink"],
+             "state": "down", "weight": "fault", "last_detail": "exit 1", "last_duration_ms": 12.0,
+             "last_output": "no route"},
+            {"name": "wan1", "kind": "interface", "interface": "wan1", "state": "down",
+             "weight": "-60", "last_detail": "carrier or admin state down",
+             "last_duration_ms": 0.0, "last_output": None},
+        ]},
+        "hooks": {"queued": 0, "on_master": {"argv": ["/x"], "runs": 2, "failures": 1,
+                                             "last_result": "exit 1", "last_duration_ms": 30.0}},
+    }
+    text = format_status(s)
+    assert "track    priority 90 (configured 150, delta -60), FAULT by uplink" in text
+    assert ("uplink       DOWN    weight fault last exit 1 in 12 ms: no route  "
+            "[/usr/local/sbin/check-uplink]") in text
+    assert "wan1         DOWN    weight -60   last carrier or admin state down  [interface wan1]" in text
+    assert "hooks    on_master ran 2x, 1 failed, last exit 1 in 30 ms" in text
+
+
 def test_systemd_unit_keeps_secrets_out_of_core_dumps() -> None:
     """Issue 8 item 4: a core dump would hold the password and the sync key."""
     unit = (ROOT / "systemd/invictusd.service").read_text().splitlines()

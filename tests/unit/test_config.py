@@ -807,14 +807,16 @@ toml_values = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.sampled_from(["0", "1", "51", "255", "256", "1.5", "nan", "-inf", "1e400", "[]", "{}"]),
     st.text(max_size=12).map(lambda s: '"' + s.encode("unicode_escape").decode().replace('"', r"\"") + '"'),
-    st.sampled_from(['"10.0.0.1/24"', '"10.0.0.1"', '"lan0"', '["10.0.0.1/24"]', '"secret"']),
+    st.sampled_from(['"10.0.0.1/24"', '"10.0.0.1"', '"lan0"', '["10.0.0.1/24"]', '"secret"',
+                     '["/bin/true"]', '"fault"', '"127.0.0.1:9842"', '["/nonexistent"]']),
 ).map(lambda v: str(v).lower() if isinstance(v, bool) else v)
 keys = st.sampled_from(
     [
         "interface", "real_address", "virtual_address", "virtual_addresses", "virtual_id",
         "password", "password_file", "start_as_master", "priority", "preempt", "advert_interval",
         "preempt_delay", "garp_repeat", "garp_refresh", "enabled", "peer_address", "mark_bit",
-        "port", "key_file", "flush_ms", "name", "bogus",
+        "port", "key_file", "flush_ms", "name", "bogus", "command", "weight", "fall", "rise",
+        "timeout", "on_master", "listen",
     ]
 )
 
@@ -822,7 +824,7 @@ keys = st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(keys, toml_values), max_size=8),
-    st.sampled_from(["[[vrrp]]", "[sync]", "[node]"]),
+    st.sampled_from(["[[vrrp]]", "[sync]", "[node]", "[[track]]", "[hooks]", "[metrics]"]),
     st.booleans(),
 )
 def test_structured_fuzz_gives_config_or_config_error(

@@ -33,6 +33,7 @@ from invictusd.vrrp.machine import (
     State,
     StepDown,
     Tick,
+    TrackChanged,
     Transition,
     UnexpectedInput,
     with_priority,
@@ -694,6 +695,9 @@ INPUTS: list[Event] = [
     SetDemoted(True, "test"),
     SetDemoted(False),
     Reconfigure(group(120)),
+    TrackChanged(("uplink",), 0, "track 'uplink' down"),
+    TrackChanged((), -60, "track 'wan1' down"),
+    TrackChanged(),
 ]
 NO_ROW = {
     (State.BACKUP, Startup),
@@ -731,7 +735,7 @@ def test_every_state_and_input(state: State, event: Event) -> None:
 def test_table_covers_every_input_type() -> None:
     assert {type(e) for e in INPUTS} == {
         Startup, Tick, AdvertReceived, LinkChanged, Shutdown, StepDown, Resume, SetDemoted,
-        Reconfigure,
+        Reconfigure, TrackChanged,
     }
 
 
@@ -761,6 +765,8 @@ events = st.one_of(
     st.just(Resume()),
     st.builds(SetDemoted, st.booleans()),
     st.builds(lambda p: Reconfigure(group(p)), st.sampled_from([50, 100, 200])),
+    st.builds(lambda f, d: TrackChanged(("check",) if f else (), d, "track"),
+              st.booleans(), st.sampled_from([-254, -60, 0, 60, 254])),
 )
 
 
@@ -794,6 +800,10 @@ def test_any_input_sequence_keeps_invariants(steps: list[tuple[int, Event]]) -> 
                 addresses_on = False
         assert state is m.state
         assert addresses_on == (m.state is State.MASTER)
+        # Whatever the track weights, what we advertise stays a valid backup priority.
+        assert all(1 <= p.priority <= 254 for p in m.params.instances)
+        if m.track_faults:
+            assert m.state in (State.INIT, State.FAULT)
         if m.state in (State.INIT, State.FAULT):
             assert m.next_deadline() is None
         elif m.state is State.BACKUP:
