@@ -63,6 +63,7 @@ MARK_TABLE = f"inet {TABLE}"
 # work, so an event storm never keeps the loop from its timers; the rest waits its turn.
 EVENT_BUDGET = 256
 SYNC_BUDGET = 64  # sync datagrams per wake-up (each: a MAC check, then its records)
+HANDOVER_WAIT = 1.0  # seconds the hand-over waits for the addresses, at most
 TOUCHED_MAX = 1 << 20  # keys of entries changed by events during a bulk, at most
 CT_MAX_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_max"
 SYSCTL_DIR = "/proc/sys/net/netfilter"
@@ -136,6 +137,7 @@ class Replication:
         self._dump_retry = Backoff()
         self._dump_retry_at: float | None = None
         self._handover_retry = False
+        self._handover_due: asyncio.TimerHandle | None = None  # becoming master: after the addresses
         self._bulk_t0 = 0.0
         self._fail_next_dump = False  # test hook
         self._hold = PreemptionHold(self.sync.preempt_hold_max)
@@ -212,6 +214,9 @@ class Replication:
         loop = asyncio.get_running_loop()
         if self._timer is not None:
             self._timer.cancel()
+        if self._handover_due is not None:
+            self._handover_due.cancel()
+            self._handover_due = None
         for t in self._tasks:
             t.cancel()
         for scan in (self._bulk, self._handover, self._digest):
@@ -247,9 +252,15 @@ class Replication:
         now = asyncio.get_running_loop().time()
         self.master = master
         self.session.set_role(master, now)
+        if self._handover_due is not None:
+            self._handover_due.cancel()
+            self._handover_due = None
         if master:
             self._subscribe(True)
-            self._start_handover()
+            # The hand-over and the bulk walk the kernel's table (a quarter of a second of a
+            # CPU for a million buckets): they start once the addresses are in place, so
+            # that nothing competes with the takeover itself.
+            self._handover_due = asyncio.get_running_loop().call_later(HANDOVER_WAIT, self.addresses_in_place)
         else:
             self._subscribe(False)
             for scan in (self._bulk, self._handover, self._digest):
@@ -262,6 +273,15 @@ class Replication:
             self.session.divergence(RequestReason.BECAME_BACKUP, now)
         self._update_demotion(now)
         self._pump()
+
+    def addresses_in_place(self) -> None:
+        """The daemon's addresses are up after a takeover (or HANDOVER_WAIT passed)."""
+        if self._handover_due is not None:
+            self._handover_due.cancel()
+            self._handover_due = None
+            if self.master:
+                self._start_handover()
+                self._pump()
 
     def _subscribe(self, on: bool) -> None:
         assert self.events is not None
@@ -400,7 +420,8 @@ class Replication:
         s = self.session
         assert s is not None
         if (not self.master or not s.sender.resync_wanted or self._bulk is not None
-                or self._handover is not None or not s.peer_epoch or not self._link_up):
+                or self._handover is not None or self._handover_due is not None
+                or not s.peer_epoch or not self._link_up):
             return
         if self._dump_retry_at is not None and now < self._dump_retry_at:
             return

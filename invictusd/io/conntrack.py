@@ -278,31 +278,28 @@ def dump(mark_bit: int | None = 30, *, family: int = ct.AF_UNSPEC, timeout_s: fl
 
 
 class DumpReader:
-    """A kernel dump read piece by piece from the event loop (non-blocking).
+    """A kernel dump read piece by piece, by blocking calls (run them off the event loop:
+    the kernel walks its hash table inside them, ``invictusd.io.scan``).
 
-    ``start`` sends the request; whenever ``fileno()`` is readable, ``read()`` returns the
-    next chunk of messages (the caller parses them and stops at NLMSG_DONE). A dump that is
-    not read waits in the kernel: a slow consumer is flow control, not loss.
+    ``start`` sends the request; ``read()`` returns the next chunk of messages (the caller
+    parses them and stops at NLMSG_DONE). A dump that is not read waits in the kernel: a
+    slow consumer is flow control, not loss. A call that takes longer than ``timeout``
+    raises ``TimeoutError``.
     """
 
-    def __init__(self, rcvbuf: int = 4 << 20) -> None:
-        self._sock = _netlink_socket(rcvbuf, 1 << 16, nonblocking=True)
+    def __init__(self, rcvbuf: int = 4 << 20, timeout: float = 10.0) -> None:
+        self._sock = _netlink_socket(rcvbuf, 1 << 16, nonblocking=False)
+        self._sock.settimeout(timeout)
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
     def start(self, mark: int = 0, mask: int = 0, family: int = ct.AF_UNSPEC) -> None:
         """Entries whose ``mark & mask == mark`` (all with mask 0), IPv4 and IPv6."""
         self._sock.send(ct.build_dump_request(1, family, mark, mask))
 
-    def read(self) -> tuple[memoryview, int] | None:
-        """The next chunk (valid until the next call), or None if nothing is ready."""
-        try:
-            n = self._sock.recv_into(self._buf)
-        except BlockingIOError:
-            return None
+    def read(self) -> tuple[memoryview, int]:
+        """The next chunk (valid until the next call)."""
+        n = self._sock.recv_into(self._buf)
         return self._view, n
 
     def close(self) -> None:

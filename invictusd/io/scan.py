@@ -2,10 +2,16 @@
 
 Bulks to a returning peer, the stale-entry sweep after a resync, the hand-over of inherited
 entries, digests and ``invictusd tables`` all read the conntrack table by a dump filtered by
-mark in the kernel. ``Scan`` reads it a few chunks per wake-up, transcodes each chunk into
-wire records and hands them on; when its consumer has no room (``ready`` is False) it stops
+mark in the kernel. ``Scan`` reads it chunk by chunk, transcodes each chunk into wire
+records and hands them on; when its consumer has no room (``ready`` is False) it stops
 reading and the rest of the dump waits in the kernel until ``resume``. Any failure ends the
 scan and is reported, never left half-open.
+
+The kernel produces a dump's chunks inside the ``send`` and ``recv`` calls, walking the
+conntrack hash table: with a sparse table (buckets sized for ``nf_conntrack_max``, few
+entries) one call walks a million buckets, a quarter of a second measured here. Those calls
+therefore run on a thread of their own (``WALKER``; a system call releases the GIL), never
+on the event loop, which keeps sending adverts meanwhile. The loop only transcodes.
 """
 
 from __future__ import annotations
@@ -13,11 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from invictusd.io.conntrack import DumpReader
 from invictusd.io.transcode import Batch, EventTranscoder
 
-CHUNKS_PER_WAKE = 4  # ~32 KiB of messages each: a few ms of work per wake-up
+# One thread for every dump of the process: dumps take turns chunk by chunk, and nothing
+# else (address moves have their own executor) ever waits behind a kernel walk.
+WALKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-dump")
+STALL_SECONDS = 10.0  # a dump call that long has stalled: the scan fails (and is retried)
+
+T = TypeVar("T")
 
 
 class Scan:
@@ -41,67 +54,65 @@ class Scan:
         self.seconds = 0.0
         self.paused = False
         self.finished = False
-        self._reader: DumpReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self.started = time.perf_counter()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"scan {self.name}")
+
+    async def _run(self) -> None:
         try:
-            self._reader = DumpReader()
-            self._reader.start(self.mark, self.mask)
+            reader = DumpReader(timeout=STALL_SECONDS)
         except OSError as e:
             self._fail(e)
             return
-        asyncio.get_running_loop().add_reader(self._reader.fileno(), self._step)
-
-    def _step(self) -> None:
-        reader = self._reader
-        if reader is None:
+        # The reader is closed once no walker call uses it any more, even after a cancel
+        # (a call already running in the walker cannot be stopped; it ends on its own).
+        pending: list[Future[object]] = []
+        try:
+            await self._walk(pending, reader.start, self.mark, self.mask)
+            while True:
+                if not self.ready():
+                    self.paused = True
+                    self._room = asyncio.get_running_loop().create_future()
+                    await self._room
+                    self.paused = False
+                view, n = await self._walk(pending, reader.read)
+                batch = self.transcoder.transcode(view, n, dump=True)
+                self.entries += len(batch.records) + batch.skipped
+                self.on_batch(batch)
+                if batch.done:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a kernel error reply, a malformed message, ENOBUFS, a stall
+            self._fail(e)
             return
-        for _ in range(CHUNKS_PER_WAKE):
-            if not self.ready():
-                self._pause()
-                return
-            try:
-                chunk = reader.read()
-                if chunk is None:
-                    return
-                batch = self.transcoder.transcode(chunk[0], chunk[1], dump=True)
-            except Exception as e:  # a kernel error reply, a malformed message, ENOBUFS ...
-                self._fail(e)
-                return
-            self.entries += len(batch.records) + batch.skipped
-            self.on_batch(batch)
-            if batch.done:
-                self._close()
-                self.finished = True
-                self.seconds = time.perf_counter() - self.started
-                self.on_done(self)
-                return
+        finally:
+            if pending:
+                pending[-1].add_done_callback(lambda _: reader.close())  # at once if done
+            else:
+                reader.close()
+        self.finished = True
+        self.seconds = time.perf_counter() - self.started
+        self.on_done(self)
 
-    def _pause(self) -> None:
-        if not self.paused and self._reader is not None:
-            asyncio.get_running_loop().remove_reader(self._reader.fileno())
-            self.paused = True
+    async def _walk(self, pending: list[Future[object]], fn: Callable[..., T], *args: object) -> T:
+        fut: Future[T] = WALKER.submit(fn, *args)
+        pending[:] = [fut]  # type: ignore[list-item]
+        return await asyncio.wrap_future(fut)
 
     def resume(self) -> None:
         """Read on, if the consumer has room again (call after it made room)."""
-        if self.paused and self._reader is not None and self.ready():
-            self.paused = False
-            asyncio.get_running_loop().add_reader(self._reader.fileno(), self._step)
-            self._step()
+        if self._room is not None and not self._room.done() and self.ready():
+            self._room.set_result(None)
 
     def cancel(self) -> None:
-        self._close()
         self.finished = True
+        if self._task is not None:
+            self._task.cancel()
 
     def _fail(self, e: BaseException) -> None:
-        self._close()
         self.finished = True
         self.on_error(self, e)
-
-    def _close(self) -> None:
-        if self._reader is not None:
-            if not self.paused:
-                asyncio.get_running_loop().remove_reader(self._reader.fileno())
-            self._reader.close()
-            self._reader = None

@@ -514,3 +514,75 @@ def test_overrun_raises(ns: str) -> None:
     assert 0 < kept + res["queued"] < 3000  # some events were lost, some were kept
     assert [ev.kind for ev in res["after"]][-3:] == [EventKind.DESTROY] * 3
     assert res["dump"] == 2997
+
+
+def _scan_scenario(n: int) -> dict[str, Any]:
+    """A Scan of ``n`` marked entries (and as many unmarked) in this namespace: what it hands
+    on, how its flow control pauses it, and which threads made the kernel calls."""
+    import asyncio
+    import threading
+
+    from invictusd.io import scan as S
+    from invictusd.io.transcode import EventTranscoder
+    from invictusd.sync import wire
+
+    def flow(i: int, mark: int) -> Flow:
+        return plain(FlowKey(4, F.IPPROTO_TCP, V4("10.3.0.1"), bytes([10, 4, i >> 8 & 0xFF, i & 0xFF]),
+                             2000 + i, 443), status=EST, timeout=600, mark=mark,
+                     tcp_state=F.TCP_ESTABLISHED)
+
+    with C.Injector() as inj:
+        assert inj.commit([flow(i, MARK30) for i in range(n)]).failed == 0
+        assert inj.commit([flow(n + i, 0) for i in range(n)]).failed == 0
+    callers: set[int] = set()
+    start, read = S.DumpReader.start, S.DumpReader.read
+
+    def spy_start(self: Any, *a: Any) -> None:
+        callers.add(threading.get_ident())
+        start(self, *a)
+
+    def spy_read(self: Any) -> Any:
+        callers.add(threading.get_ident())
+        return read(self)
+
+    S.DumpReader.start, S.DumpReader.read = spy_start, spy_read  # type: ignore[method-assign]
+
+    async def run() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        got: list[bytes] = []
+        room = [True]
+        pauses = [0]
+
+        def on_batch(batch: Any) -> None:
+            got.extend(batch.records)
+            room[0] = False  # full after every chunk: the scan must wait for resume()
+
+            def later() -> None:
+                pauses[0] += scan.paused
+                room[0] = True
+                scan.resume()
+            loop.call_later(0.001, later)
+
+        scan = S.Scan("test", 1 << 30, 1 << 30, EventTranscoder(30, 3 << 28), on_batch,
+                      lambda s: done.set_result(s.entries), lambda s, e: done.set_exception(e),
+                      lambda: room[0])
+        scan.start()
+        entries = await asyncio.wait_for(done, 30)
+        keys = {wire.entry_key(r) for r in wire.decode_records(b"".join(got))}
+        return {"entries": entries, "keys": len(keys), "pauses": pauses[0],
+                "loop_thread": threading.get_ident()}
+
+    out = asyncio.run(run())
+    out["callers"] = callers
+    return out
+
+
+def test_scan_reads_marked_entries_off_the_loop_thread_with_flow_control(ns: str) -> None:
+    """The kernel walks its whole hash table inside a dump's send and recv calls (a quarter
+    of a second for a sparse table of a million buckets): those calls must never run on the
+    event loop's thread, which sends the adverts."""
+    res = in_netns(ns, _scan_scenario, 3000)
+    assert res["entries"] == res["keys"] == 3000  # every marked entry, no unmarked one
+    assert res["pauses"] >= 2  # the consumer's flow control held the dump in the kernel
+    assert res["callers"] and res["loop_thread"] not in res["callers"], res
