@@ -68,6 +68,7 @@ class Applier:
         master: Callable[[], bool],
         progress: Callable[[], None],
         log: Any,
+        timed: Callable[[Callable[..., Any], str], Callable[..., Any]] = lambda fn, what: fn,
     ) -> None:
         self.session = session
         self.injector = injector
@@ -79,6 +80,7 @@ class Applier:
         self.master = master
         self.progress = progress  # the engine sends what applying made due (acks)
         self.log = log
+        self._run_later = timed(self._run_and_report, "sync: apply")
         self.gens = Generations()
         self.counters = ApplyCounters()
         self.replica_entries = 0  # replicas in our kernel, as far as we know (see count())
@@ -118,7 +120,7 @@ class Applier:
             self._current = None
             self.session.applied(d.seq, loop.time())
         if self._queue:
-            loop.call_soon(self._run_and_report)  # more next turn: the loop stays responsive
+            loop.call_soon(self._run_later)  # more next turn: the loop stays responsive
 
     def _run_and_report(self) -> None:
         self.run()

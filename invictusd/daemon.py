@@ -256,7 +256,7 @@ class Daemon:
             self.replica = self._replica_factory(self.cfg)
             assert self.replica is not None
             env = ReplicaEnv(links=self.links.snapshot, demote=self.set_demoted,
-                             record_table=self._record_table)
+                             record_table=self._record_table, timed=self.monitor.wrap)
             try:
                 await self.replica.start(env)
             except Exception as e:

@@ -80,6 +80,8 @@ class ReplicaEnv:
     links: Callable[[], Awaitable[tuple[dict[str, LinkInfo], dict[str, int], dict[str, bool]]]]
     demote: Callable[[bool, str], None]
     record_table: Callable[[str, bool], None]  # (table, installed) into the runtime record
+    # ``timed(fn, what)``: ``fn`` timed by the daemon's loop monitor (a stall names its culprit)
+    timed: Callable[[Callable[..., Any], str], Callable[..., Any]] = lambda fn, what: fn
 
 
 def node_ids(local: ipaddress.IPv4Address, peer: ipaddress.IPv4Address) -> tuple[int, int]:
@@ -137,6 +139,10 @@ class Replication:
         self._dump_retry = Backoff()
         self._dump_retry_at: float | None = None
         self._handover_retry = False
+        # Reactor callbacks, timed by the daemon's loop monitor once started.
+        self._cb_datagrams: Callable[..., Any] = self._on_datagrams
+        self._cb_events: Callable[..., Any] = self._on_events
+        self._cb_timer: Callable[..., Any] = self._on_timer
         self._handover_due: asyncio.TimerHandle | None = None  # becoming master: after the addresses
         self._bulk_t0 = 0.0
         self._fail_next_dump = False  # test hook
@@ -189,7 +195,10 @@ class Replication:
             epoch=self._epoch, now=now)
         self.session.link_changed(self._link_up, now)
         self.sock = SyncSocket(self.sync.interface, local, peer, self.sync.port)
-        loop.add_reader(self.sock.fileno(), self._on_datagrams)
+        self._cb_datagrams = env.timed(self._on_datagrams, "sync: datagrams")
+        self._cb_events = env.timed(self._on_events, "sync: conntrack events")
+        self._cb_timer = env.timed(self._on_timer, "sync: timer")
+        loop.add_reader(self.sock.fileno(), self._cb_datagrams)
         self.injector = Injector(default_timeout=60)
         # Only the master reads its events (it subscribes when it becomes master).
         self.events = EventSocket(
@@ -198,7 +207,8 @@ class Replication:
         capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
         self.applier = Applier(self.session, self.injector, self.marks, self.scope, self._all,
                                replica_timeout=self.sync.replica_timeout, capacity=capacity,
-                               master=lambda: self.master, progress=self._pump, log=self.log)
+                               master=lambda: self.master, progress=self._pump, log=self.log,
+                               timed=env.timed)
         self.applier.count()  # replicas a previous run left in the kernel
         self._next_digest = now + self.sync.digest_interval if self.sync.digest_interval else 0.0
         self._next_resync = now + self.sync.resync_interval if self.sync.resync_interval else 0.0
@@ -291,7 +301,7 @@ class Replication:
         self.events.subscribe(on)
         self._subscribed = on
         if on:
-            loop.add_reader(self.events.fileno(), self._on_events)
+            loop.add_reader(self.events.fileno(), self._cb_events)
         else:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self.events.fileno())
@@ -340,7 +350,7 @@ class Replication:
         loop = asyncio.get_running_loop()
         fd = self.events.fileno()
         loop.remove_reader(fd)
-        loop.add_reader(fd, self._on_events)
+        loop.add_reader(fd, self._cb_events)
 
     def _note_touched(self, batch: Batch) -> None:
         """Entries an event told about during a bulk: the dump's record of them may be older
@@ -538,7 +548,7 @@ class Replication:
             self._bulk.resume()
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = loop.call_at(max(s.next_deadline(), now), self._on_timer)
+        self._timer = loop.call_at(max(s.next_deadline(), now), self._cb_timer)
 
     def _on_timer(self) -> None:
         assert self.session is not None

@@ -8,6 +8,7 @@ kernel table against what the old master held.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,19 +191,36 @@ def test_backup_restart_during_burst_and_both_restarted_in_turn(measure: Any) ->
         measure("restarts (backup mid-burst, then both in turn): entries compared both ways", str(n))
 
 
+@contextlib.contextmanager
+def _not_reading(pair: Pair, node: str) -> Iterator[None]:
+    """``node``'s daemon stopped (SIGSTOP) for the block, then continued."""
+    pair.signal(node, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        pair.signal(node, signal.SIGCONT)
+
+
 def test_netlink_overrun_is_detected_and_resynced_by_dump(measure: Any) -> None:
     with lab_pair() as pair:
         _start_synced(pair, sync_extra={"rcvbuf_mb": 1})
         s0 = pair.status("fw1")["sync"]["counters"]
-        # 20k entries injected in one go: far more events than 1 MiB of socket buffer holds.
-        res = _churn(pair, "fw1", "--create", "20000", "--seed", "51")
+        # 20k entries injected in one go while the daemon is not reading (stopped for the
+        # burst, well inside Master_Down): far more events than 1 MiB of socket buffer holds.
+        # (A daemon that reads faster than the generator injects might never overrun.)
+        with _not_reading(pair, "fw1"):
+            res = _churn(pair, "fw1", "--create", "20000", "--seed", "51")
         assert res["failed"] == 0, res
         wait_for(lambda: pair.status("fw1")["sync"]["counters"]["netlink_overruns"] > s0["netlink_overruns"],
                  10, what="the overrun to be counted")
         n = _assert_converged(pair, "fw1", "fw2", 90)
         assert n == 20000
         # And a burst of deletes (DESTROY events overrun the same way).
-        res = _churn(pair, "fw1", "--create", "20000", "--delete", "8000", "--seed", "51")
+        mid = pair.status("fw1")["sync"]["counters"]
+        with _not_reading(pair, "fw1"):
+            res = _churn(pair, "fw1", "--create", "20000", "--delete", "8000", "--seed", "51")
+        wait_for(lambda: pair.status("fw1")["sync"]["counters"]["netlink_overruns"] > mid["netlink_overruns"],
+                 10, what="the second overrun to be counted")
         n = _assert_converged(pair, "fw1", "fw2", 90)
         assert n == 12000
         s1 = pair.status("fw1")["sync"]["counters"]
