@@ -334,9 +334,10 @@ def _interface_address(text: str) -> Any:
 
 def _keygen(args: argparse.Namespace) -> int:
     """A fresh 256-bit key as 64 hex characters; the key itself is never printed."""
-    import os
     import secrets
     from pathlib import Path
+
+    from invictusd.atomicfile import write_atomic
 
     path = Path(args.output)
     try:
@@ -345,14 +346,7 @@ def _keygen(args: argparse.Namespace) -> int:
             print(f"invictusd: keygen: {path} exists; use --force to replace it "
                   "(and copy the new key to the peer)", file=sys.stderr)
             return EXIT_ERROR
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, (secrets.token_hex(32) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, (secrets.token_hex(32) + "\n").encode(), durable=True)
     except OSError as e:
         print(f"invictusd: keygen: cannot write {path}: {e.strerror}", file=sys.stderr)
         return EXIT_ERROR

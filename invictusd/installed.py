@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from invictusd.atomicfile import write_atomic
+
 RECORD = "installed.json"
 FORMAT = 1
 
@@ -117,10 +119,4 @@ class Installed:
     def _write(self) -> None:
         s = self._state
         data = {"format": FORMAT, "pid": s.pid, "addresses": s.addresses, "nft_tables": s.nft_tables}
-        tmp = self.path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data).encode())

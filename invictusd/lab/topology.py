@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import invictusd
+from invictusd.atomicfile import write_atomic
 from invictusd.lab import netns
 from invictusd.lab.traffic import FlowResult
 
@@ -624,10 +625,9 @@ class Lab:
         """Write ``content`` to ``name`` in the lab's work directory (visible in all nodes)."""
         path = self.workdir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+        # In one step: several helpers may write the same script while one of them already runs
+        # it, and a reader of a file being rewritten can see it empty.
+        write_atomic(path, content if isinstance(content, bytes) else content.encode(), mode=0o644)
         return path
 
     def start_daemon(

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import ipaddress
 import json
-import os
 import select
 import signal
 import socket
@@ -30,6 +29,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from invictusd.atomicfile import write_atomic
 
 MAGIC = b"IVDL"
 # magic, sequence number, send time (CLOCK_MONOTONIC, shared by all namespaces), flag, padding
@@ -182,10 +183,7 @@ class _Client:
             r.tail_gap = r.ended - (r.last_ack if r.last_ack is not None else r.started)
         r.final = r.final or final
         r.snapshot += 1
-        tmp = f"{self.args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(r), f)
-        os.replace(tmp, self.args.out)
+        write_atomic(self.args.out, json.dumps(asdict(r)).encode(), mode=0o644)
 
     def on_echo(self, data: bytes | bytearray, now: float) -> None:
         magic, seq, _sent, flag = MESSAGE.unpack_from(data)
