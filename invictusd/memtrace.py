@@ -4,19 +4,24 @@
 keeping N frames per allocation (1 names the line and costs least; unset or 0: off). The
 control command ``memory`` then answers with the heap tracemalloc sees (``traced``, the
 ``peak`` since the previous request, and tracemalloc's own ``overhead``): cheap, it takes no
-snapshot. With ``"top": K`` it also lists the K source lines (at most ``MAX_TOP``) whose
-live allocations grew most since the baseline; the first such request takes the baseline,
-``"baseline": true`` takes a new one after answering. One snapshot is kept. A snapshot
-holds the loop for a moment (about a second per million live blocks), and tracing slows
-allocation-heavy code about 2x: an instrument for investigations and the soak test, not
-for production.
+snapshot. Options:
 
-``invictusd status``'s RSS says *that* memory grows; ``memory`` says *where*, if it is
-Python's (allocations of C libraries, uvloop's included, are not traced).
+* ``"collect": true``: run the garbage collector first and say how many objects it freed
+  (cycles wait for it, and the daemon's thresholds are high).
+* ``"top": K``: also the K source lines (at most ``MAX_TOP``) whose live allocations grew
+  most since the baseline, and the net growth of all lines (``growth_total``; tracemalloc's
+  own snapshots left out). The first such request takes the baseline; ``"baseline": true``
+  takes a new one after answering. One snapshot is kept (``traced`` counts it).
+
+A snapshot holds the loop for a moment (about a second per million live blocks), and tracing
+slows allocation-heavy code about 2x: an instrument for investigations and the soak test,
+not for production. ``invictusd status``'s RSS says *that* memory grows; ``memory`` says
+*where*, if it is Python's (allocations of C libraries, uvloop's included, are not traced).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import tracemalloc
@@ -54,14 +59,19 @@ class MemTrace:
     def report(self, request: dict[str, Any]) -> dict[str, Any]:
         if not tracemalloc.is_tracing():
             return {"ok": False, "error": f"tracemalloc is off: start the daemon with {ENV}=1"}
+        out: dict[str, Any] = {"ok": True}
+        if request.get("collect") is True:
+            out["collected"] = gc.collect()  # cyclic garbage is not what the daemon keeps
         traced, peak = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        out: dict[str, Any] = {"ok": True, "traced": traced, "peak": peak,
-                               "overhead": tracemalloc.get_tracemalloc_memory(),
-                               "frames": tracemalloc.get_traceback_limit()}
+        out |= {"traced": traced, "peak": peak, "overhead": tracemalloc.get_tracemalloc_memory(),
+                "frames": tracemalloc.get_traceback_limit()}
         top = request.get("top", 0)
-        if not isinstance(top, int) or isinstance(top, bool) or top <= 0:
-            return out
+        if isinstance(top, int) and not isinstance(top, bool) and top > 0:
+            self._growth(min(top, MAX_TOP), request.get("baseline") is True, out)
+        tracemalloc.reset_peak()  # after the snapshot: the next peak is the daemon's own
+        return out
+
+    def _growth(self, top: int, rebase: bool, out: dict[str, Any]) -> None:
         now = time.monotonic()
         snap = tracemalloc.take_snapshot().filter_traces(_IGNORE)
         if self._baseline is None:
@@ -69,11 +79,11 @@ class MemTrace:
         stats = snap.compare_to(self._baseline, "lineno")
         stats.sort(key=lambda s: s.size_diff, reverse=True)
         out["since_baseline"] = round(now - self._baseline_at, 1)
+        out["growth_total"] = sum(s.size_diff for s in stats)  # net, every line
         out["growth"] = [
             {"where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
              "size_diff": s.size_diff, "count_diff": s.count_diff, "size": s.size, "count": s.count}
-            for s in stats[: min(top, MAX_TOP)]
+            for s in stats[:top]
         ]
-        if request.get("baseline") is True:
+        if rebase:
             self._baseline, self._baseline_at = snap, now
-        return out

@@ -43,9 +43,15 @@ def test_growth_since_the_baseline_names_the_line(tracing: None) -> None:
     assert len(second["growth"]) <= memtrace.MAX_TOP
     top = second["growth"][0]
     assert top["where"] == line and top["size_diff"] >= 2_000_000 and top["count_diff"] >= 2000
+    assert second["growth_total"] >= 2_000_000
     # A new baseline: what was there is no longer growth.
     third = m.report({"cmd": "memory", "top": 5})
     assert all(g["where"] != line or g["size_diff"] < 100_000 for g in third["growth"])
     assert len(keep) == 2000
     cheap = m.report({"cmd": "memory"})
-    assert "growth" not in cheap and cheap["traced"] > 0
+    assert "growth" not in cheap and "collected" not in cheap and cheap["traced"] > 0
+    for _ in range(100):  # cycles: only the collector frees them
+        cycle: list[object] = []
+        cycle.append(cycle)
+    del cycle
+    assert m.report({"cmd": "memory", "collect": True})["collected"] >= 100
