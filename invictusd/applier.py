@@ -92,7 +92,12 @@ class Applier:
     # ---- the pipeline ------------------------------------------------------------------------
 
     def feed(self, deliveries: list[Delivery]) -> None:
-        self._queue.extend(deliveries)
+        """Queue deliveries. Those the next ``run`` will not reach (a scan blocks it, or we
+        are behind) wait as bytes (``Delivery.compact``): decoded, the up to apply_slack +
+        window datagrams a backup may hold would take ~15 times the memory, for nothing."""
+        queue = self._queue
+        for d in deliveries:
+            queue.append(d if self._blocking is None and len(queue) < DELIVERIES_PER_RUN else d.compact())
 
     @property
     def busy(self) -> bool:

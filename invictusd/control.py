@@ -1,7 +1,8 @@
 """Unix control socket: one JSON request line in, one JSON reply line out.
 
 Requests: {"cmd": "status"}, {"cmd": "step-down"}, {"cmd": "resume"}, {"cmd": "reload"},
-{"cmd": "tables"}. A plain word ("status\\n") is accepted too, for humans with socat.
+{"cmd": "tables"}, {"cmd": "memory"} (``invictusd.memtrace``). A plain word ("status\\n") is
+accepted too, for humans with socat.
 
 Whatever arrives gets a reply, never a traceback: a line over ``MAX_REQUEST`` bytes, bytes
 that are not JSON, JSON nested deeper than the parser will go, a request without a string

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from invictusd import __version__, control, log, metrics
+from invictusd import __version__, control, log, memtrace, metrics
 from invictusd.config import (
     Config,
     ConfigError,
@@ -183,6 +183,7 @@ class Daemon:
         self._hook_task: asyncio.Future[None] | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.memtrace = memtrace.MemTrace()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -755,6 +756,8 @@ class Daemon:
             if self.replica is None:
                 return {"ok": False, "error": "replication is not enabled ([sync] enabled = false)"}
             return {"ok": True, **await self.replica.tables()}
+        if cmd == "memory":
+            return self.memtrace.report(request)
         if os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
             if cmd == "stall":
                 # Test hook: block the event loop to prove stall detection and the watchdog.
@@ -961,6 +964,7 @@ def run(cfg: Config, replica_factory: Any = None) -> int:
     # Everything alive at start is frozen out of collection; nothing we keep forms cycles.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    memtrace.start_from_env()  # INVICTUSD_TRACEMALLOC: a diagnostic, off by default
 
     # uvloop.run (not uvloop.install): a global policy breaks pyroute2's threads.
     return uvloop.run(Daemon(cfg, replica_factory).run())

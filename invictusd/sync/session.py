@@ -288,7 +288,8 @@ class SyncSession:
                 return
         self.sender.acked(h.ack, now)
         if t is DatagramType.DATA:
-            self.receiver.data(h.seq, bool(h.flags & FLAG_SYNC_POINT), dg.records, now)
+            self.receiver.data(h.seq, bool(h.flags & FLAG_SYNC_POINT), dg.records, now,
+                               bytes(data[wire.HEADER_LEN : len(data) - wire.MAC_LEN]))
             return
         self.receiver.peer_high(h.seq, now)
         if t is DatagramType.NACK:

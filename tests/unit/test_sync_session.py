@@ -341,6 +341,33 @@ def test_reordering_and_duplication() -> None:
     assert n.b.session.receiver.counters.duplicates > 0
 
 
+def test_a_datagram_that_waits_keeps_only_its_bytes() -> None:
+    """Decoded records take ~15x their datagram: one that waits (out of order here, queued
+    by the applier) is held as its bytes, and decodes to what was sent when applied."""
+    ours, peers = 0x1111, 0x2222
+    s = SyncSession(config(1, peer_node_id=2), epoch=ours, now=0.0)
+
+    def dg(seq: int, records: list[wire.Record], flags: int = 0) -> bytes:
+        h = wire.Header(wire.DatagramType.DATA, 2, peers, ours, seq, 0, flags)
+        return wire.encode_datagram(h, records, KEY)
+
+    server = bytes([10, 20, 0, 100])
+    entries: list[wire.Record] = [
+        Entry(True, 4, IPPROTO_TCP, bytes([10, 10, 0, i]), server, 1024 + i, 9001, 0,
+              server, bytes([10, 10, 0, i]), 9001, 1024 + i, 0, 0xE, 3600, MARK, TCP_ESTABLISHED)
+        for i in range(40)]
+    s.datagram_received(dg(1, [ResyncBegin(1)], wire.FLAG_SYNC_POINT), 0.0)
+    s.datagram_received(dg(3, entries[20:]), 0.001)  # out of order: it waits
+    s.datagram_received(dg(2, entries[:20]), 0.002)
+    d1, d2, d3 = s.take_deliveries()
+    assert [d.seq for d in (d1, d2, d3)] == [1, 2, 3]
+    assert d2.decoded is not None and d3.decoded is None  # in order: as decoded; waited: bytes
+    assert list(d2.records) == entries[:20] and list(d3.records) == entries[20:]
+    assert d3.payload == b"".join(wire.encode_record(e) for e in entries[20:])
+    assert d2.compact().decoded is None and d2.compact().records == d2.records
+    assert s.receiver.counters.records == 41
+
+
 def test_replayed_datagrams_have_no_effect() -> None:
     n = make_pair(seed=3)
     drive(n, 50)
