@@ -96,6 +96,11 @@ def _mem(r: dict[str, Any], when: str, node: str, only: str | None = None, field
                      and (only is None or name == f"{node}/{only}")))
 
 
+def _system_share(r: dict[str, Any], node: str) -> float | None:
+    """The kernel's share of a node's daemons' CPU time during the burst."""
+    return ratio(_node(r, "cpu_system_s", node), _node(r, "cpu_s", node))
+
+
 def bar_sizes(sizes: list[int]) -> list[int]:
     """The sizes the issue's memory goals name (100k and 1M), or the largest measured."""
     big = [z for z in sizes if z >= 100_000]
@@ -146,7 +151,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 "backup_after_bulk_mb": median([_mem(r, "after_bulk", "fw2", rep) for r in rs]),
             }
             cpu[st] = {"master_us": median([_node(r, "cpu_s", "fw1") / size * 1e6 for r in rs]),
-                       "backup_us": median([_node(r, "cpu_s", "fw2") / size * 1e6 for r in rs])}
+                       "backup_us": median([_node(r, "cpu_s", "fw2") / size * 1e6 for r in rs]),
+                       "master_system": median([_system_share(r, "fw1") for r in rs]),
+                       "backup_system": median([_system_share(r, "fw2") for r in rs])}
             s["bulk"].setdefault(z, {})[st] = median([r["bulk"]["seconds"] for r in rs])
             s["false_takeovers"].setdefault(z, {})[st] = (
                 f"{sum(bool(r.get('false_takeover')) for r in rs)}/{len(rs)}")
@@ -212,6 +219,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                         "margin_wire_ms": _ms(p.get("margin_wire_s")),
                         "master_down_ms": p["master_down_s"] * 1000,
                         "false_failovers": p["false_failovers"],
+                        "complete": (p.get("load") or {}).get("complete", True),
+                        "held": (p.get("load") or {}).get("held"),
                         "loop_ms": {n: v["max_lag_ms"] for n, v in p["loop"].items()},
                         "loop_exact": {n: v["exact"] for n, v in p["loop"].items()},
                         "culprit": {n: (v.get("last_stall") or {}).get("culprit")
@@ -301,6 +310,10 @@ def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "—" if v is None else fmt.format(v)
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.0f}%"
+
+
 def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     m = raw["machine"]
     cfg = raw["config"]
@@ -367,6 +380,9 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             c["baseline"]["master_us"], "{:.2f}")
         row(f"CPU per replicated event, backup, {k(z)} burst, µs (user+system)", c["invictusd"]["backup_us"],
             c["baseline"]["backup_us"], "{:.2f}")
+        lines.append(f"| of which in the kernel (system time), master / backup, {k(z)} burst | "
+                     f"{_pct(c['invictusd']['master_system'])} / {_pct(c['invictusd']['backup_system'])} | "
+                     f"{_pct(c['baseline']['master_system'])} / {_pct(c['baseline']['backup_system'])} | |")
     for z in sizes:
         b = s["bulk"][str(z)]
         row(f"bulk to a returning peer, {k(z)}: restarted replicator ready → holds all, s "
@@ -415,6 +431,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
         for name, p in t["phases"].items():
             load = f"{k(t['size'])} {name}" if name != "flood" else (
                 f"flood ({_f((t.get('flood') or {}).get('vrrp_pps'))} forged adverts/s + sync datagrams)")
+            if not p["complete"]:
+                load += f" (**incomplete**: fw2 held {_f(p['held'])})"
 
             def lp(n: str, p: dict[str, Any] = p) -> str:
                 v = p["loop_ms"][n]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.baseline import Baseline, BaselineError
+from benchmarks.baseline import CONNTRACKD, Baseline, BaselineError
 from invictusd.lab.topology import Lab
 from tests.netns.daemons import Pair
 
@@ -100,12 +100,12 @@ class Stack:
         """The name of the process that holds the replica (``pids`` key)."""
         ...
     def fault(self, kind: str) -> None: ...
-    def takeover(self, expect: int) -> dict[str, Any]:
+    def takeover(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """fw1 hands over gracefully; fw2 takes over with ``expect`` entries replicated.
         Returns ``seconds``: from fw2's decision until both the addresses and the table are
         in fw2's kernel, and what else each stack tells."""
         ...
-    def restart_backup(self, expect: int) -> dict[str, Any]:
+    def restart_backup(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """fw2's replicator restarts with an empty kernel table (a returning peer) and is sent
         the master's table. Returns ``seconds``: from the restarted replicator ready until
         it holds ``expect`` entries."""
@@ -116,6 +116,10 @@ class Stack:
     def loop(self, node: str) -> dict[str, Any] | None:
         """invictusd's event-loop figures (None for the baseline)."""
         return None
+
+    def counters(self, node: str) -> dict[str, Any]:
+        """What the replicator says about lost events and resyncs."""
+        return {}
 
     def links_down(self, node: str) -> None:
         c = self.lab.config
@@ -184,12 +188,18 @@ class Invictus(Stack):
         s = self.pair.try_status(node)
         return None if s is None else dict(s["loop"])
 
+    def counters(self, node: str) -> dict[str, Any]:
+        c = ((self.pair.try_status(node) or {}).get("sync") or {}).get("counters") or {}
+        return {k: v for k, v in c.items() if k in (
+            "netlink_overruns", "events_overrun", "resyncs_sent", "resyncs_applied", "kernel_dumps",
+            "events", "applied", "retransmits", "dump_failures", "over_capacity")}
+
     def backup_took_over(self) -> bool:
         # The log is appended across samples: only lines since this start count.
         return any(e.get("event") == "state change" and e.get("new") == "master"
                    for e in self.pair.log_events("fw2")[self._events_before:])
 
-    def takeover(self, expect: int) -> dict[str, Any]:
+    def takeover(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """SIGUSR1 (step down) on fw1; fw2's ``group.last_takeover.addresses_ms``: from the
         decision to the addresses in place. The replica is in fw2's kernel already: there
         is nothing to commit. The hand-over of the entries runs afterwards, in the
@@ -209,11 +219,11 @@ class Invictus(Stack):
             h = (self.pair.try_status("fw2") or {}).get("sync", {}).get("last_handover")
             return h if h and h.get("entries", 0) >= expect else None
 
-        ho = wait_until(handed, 60 + expect / 2000, f"hand-over of {expect} entries", step=0.05)
+        ho = wait_until(handed, timeout or 60 + expect / 2000, f"hand-over of {expect} entries", step=0.05)
         return {"seconds": float(lt["addresses_ms"]) / 1000, "addresses_ms": lt["addresses_ms"],
                 "handover": ho, "t_addresses": t_addresses}
 
-    def restart_backup(self, expect: int) -> dict[str, Any]:
+    def restart_backup(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """fw2's daemon stopped (SIGTERM), its kernel table flushed (the peer rebooted), the
         daemon started again: fw1 sees a new epoch and sends its table by kernel dump.
         ``seconds`` runs from the restarted daemon's ``replication started`` (its log's
@@ -225,7 +235,7 @@ class Invictus(Stack):
         n_events = len(p.log_events("fw2"))
         t_popen = time.time()
         p.start("fw2")
-        wait_until(lambda: (self.peer_count("fw2") or 0) >= expect, 60 + expect / 2000,
+        wait_until(lambda: (self.peer_count("fw2") or 0) >= expect, timeout or 60 + expect / 2000,
                    f"{self.name}: fw2 holding {expect} entries after its restart", step=0.01)
         t_all = time.time()
         started = next((e for e in p.log_events("fw2")[n_events:] if e.get("event") == "replication started"),
@@ -329,7 +339,18 @@ class KeepalivedConntrackd(Stack):
     def replicator(self) -> str:
         return "conntrackd"
 
-    def takeover(self, expect: int) -> dict[str, Any]:
+    def counters(self, node: str) -> dict[str, Any]:
+        """``conntrackd -s runtime``: its netlink overruns and resyncs with the kernel."""
+        n = self.base.nodes[node]
+        text = self.lab.exec(node, CONNTRACKD, "-C", str(n.ct_conf), "-s", "runtime", check=False)
+        out: dict[str, Any] = {}
+        for line in text.splitlines():
+            name, _, value = line.strip().partition(":")
+            if name in ("events received", "netlink overrun", "resync with kernel table") and value.strip():
+                out[name.replace(" ", "_")] = int(value.split()[0])
+        return out
+
+    def takeover(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """keepalived on fw1 stops (SIGTERM: priority 0); fw2's keepalived becomes master,
         adds the addresses and runs its notify script, whose first step is ``conntrackd -c``
         (the external cache into the kernel). Until it returns, fw2's kernel has no state
@@ -344,12 +365,13 @@ class KeepalivedConntrackd(Stack):
             done = next((t for t, w in st if w in ("commit-done", "ERROR: conntrackd -c")), None)
             return (start, done) if start is not None and done is not None else None
 
-        start, done = wait_until(committed, 120 + expect / 2000, "fw2's notify: conntrackd -c done")
+        start, done = wait_until(committed, timeout or 120 + expect / 2000,
+                                 "fw2's notify: conntrackd -c done")
         if any(w == "ERROR: conntrackd -c" for _, w in self._stamps("fw2")):
             raise StackError("conntrackd -c failed on fw2")
         return {"seconds": done - start, "t_addresses": done, "t_notify": start}
 
-    def restart_backup(self, expect: int) -> dict[str, Any]:
+    def restart_backup(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
         """fw2's conntrackd stopped, the kernel table flushed, conntrackd started again and
         asked for a resync (``conntrackd -n``, what the notify script runs on ``backup``):
         fw1's conntrackd sends its internal cache."""
@@ -360,7 +382,7 @@ class KeepalivedConntrackd(Stack):
         n.start_conntrackd(mark_rule=False)  # returns once its control socket answers
         t_ready = time.monotonic()
         n.ctl_cmd("-n")
-        wait_until(lambda: (n.external_count() or 0) >= expect, 60 + expect / 2000,
+        wait_until(lambda: (n.external_count() or 0) >= expect, timeout or 60 + expect / 2000,
                    f"{self.name}: fw2's external cache holding {expect} entries", step=0.01)
         t_all = time.monotonic()
         return {"seconds": t_all - t_ready, "from_restart_s": t_all - t_popen,
