@@ -98,7 +98,8 @@ def _mem(r: dict[str, Any], when: str, node: str, only: str | None = None, field
 
 def _system_share(r: dict[str, Any], node: str) -> float | None:
     """The kernel's share of a node's daemons' CPU time during the burst."""
-    return ratio(_node(r, "cpu_system_s", node), _node(r, "cpu_s", node))
+    sys_s = _node(r, "cpu_system_s", node)
+    return ratio(sys_s, sys_s + _node(r, "cpu_user_s", node))
 
 
 def bar_sizes(sizes: list[int]) -> list[int]:
@@ -551,7 +552,7 @@ def update_readme(readme: Path, md: str, out: Path) -> None:
     """Replace only our section between the markers (others edit the rest of the file)."""
     rel = os.path.relpath(out, readme.parent)
     body = md.replace("](throughput.png)", f"]({rel}/throughput.png)").replace(
-        "](failover.png)", f"]({rel}/failover.png)").replace("\n### ", "\n#### ")
+        "](failover.png)", f"]({rel}/failover.png)")
     section = (f"{MARK_START}\n## Benchmarks\n\n`python3 -m benchmarks.run` (full, ~45 min; "
                f"`--quick` ~10 min; see benchmarks/README.md).\n\n{body}\n{MARK_END}")
     text = readme.read_text()
