@@ -153,6 +153,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             }
             cpu[st] = {"master_us": median([_node(r, "cpu_s", "fw1") / size * 1e6 for r in rs]),
                        "backup_us": median([_node(r, "cpu_s", "fw2") / size * 1e6 for r in rs]),
+                       "backup_with_takeover_us": median([(_node(r, "cpu_s", "fw2")
+                                                            + _node(r, "takeover_cpu_s", "fw2")) / size * 1e6
+                                                           for r in rs]),
                        "master_system": median([_system_share(r, "fw1") for r in rs]),
                        "backup_system": median([_system_share(r, "fw2") for r in rs])}
             s["bulk"].setdefault(z, {})[st] = median([r["bulk"]["seconds"] for r in rs])
@@ -381,6 +384,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             c["baseline"]["master_us"], "{:.2f}")
         row(f"CPU per replicated event, backup, {k(z)} burst, µs (user+system)", c["invictusd"]["backup_us"],
             c["baseline"]["backup_us"], "{:.2f}")
+        row(f"CPU per replicated event, backup, {k(z)} burst + takeover (conntrackd commits then), µs",
+            c["invictusd"]["backup_with_takeover_us"], c["baseline"]["backup_with_takeover_us"], "{:.2f}")
         lines.append(f"| of which in the kernel (system time), master / backup, {k(z)} burst | "
                      f"{_pct(c['invictusd']['master_system'])} / {_pct(c['invictusd']['backup_system'])} | "
                      f"{_pct(c['baseline']['master_system'])} / {_pct(c['baseline']['backup_system'])} | |")

@@ -382,8 +382,14 @@ def hold(lab: Lab, stack: Stack, size: int, *, update_delete: bool, ct_timeout: 
         try:
             stack.wait_master("fw1", 20)
             mon = AddressMonitor(lab, "fw2")
+            c0 = daemon_cpu(stack)
             with adv.phase("takeover", sender="fw2", new_master=True):
                 tk = stack.takeover(size)
+                # What the takeover cost (conntrackd: the commit, deferred from the burst;
+                # invictusd: the hand-over). Not fw1's: keepalived stops there.
+                c1 = daemon_cpu(stack)
+                r["takeover_cpu_s"] = {k: round(v - c0.get(k, 0), 6) for k, v in c1.items()
+                                       if k.startswith("fw2/")}
                 time.sleep(1.2)  # the new master's adverts after the hand-over, too
         except StackError as e:
             raise Invalid(str(e)) from e
