@@ -96,11 +96,12 @@ def notify_script(lab: Lab, node: str) -> str:
     log = lab.workdir / f"notify-{node}.log"
     return f"""#!/bin/sh
 # primary-backup.sh from conntrack-tools' examples, with this node's paths; each step logged
-# with a CLOCK_MONOTONIC stamp (seconds since boot) for the benchmark's timelines.
+# with a wall-clock stamp (date +%s.%N, the clock of packet captures and ip -ts monitor)
+# for the benchmark's takeover figure and timelines.
 CONNTRACKD_BIN={CONNTRACKD}
 CONNTRACKD_LOCK={lock}
 CONNTRACKD_CONFIG={conf}
-stamp() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> {log}; }}
+stamp() {{ echo "$(date +%s.%N) $*" >> {log}; }}
 case "$1" in
   primary)
     stamp primary-start
@@ -133,11 +134,15 @@ exit 0
 """
 
 
-def keepalived_conf(lab: Lab, node: str, master: bool) -> str:
+def keepalived_conf(lab: Lab, node: str, master: bool, version: int = 2, interval: float = 1.0) -> str:
+    """LAN and WAN instances in one sync group. ``version`` 3 drops the authentication block
+    (VRRPv3 has none) and allows a centisecond ``advert_int``."""
     c = lab.config
     i = 0 if node == "fw1" else 1
     prio = 150 if master else 100
     script = lab.workdir / f"primary-backup-{node}.sh"
+    auth = ("    authentication {\n        auth_type PASS\n"
+            f"        auth_pass {PASSWORD}\n    }}\n") if version == 2 else ""
     inst = ""
     for name, ifname, real, vip, vrid in (
         ("LAN", c.lan_if, c.fw_lan_ips[i], c.lan_vip, LAN_VRID),
@@ -145,17 +150,14 @@ def keepalived_conf(lab: Lab, node: str, master: bool) -> str:
     ):
         inst += f"""
 vrrp_instance {name} {{
+    version {version}
     state {"MASTER" if master else "BACKUP"}
     interface {ifname}
     mcast_src_ip {real}
     virtual_router_id {vrid}
     priority {prio}
-    advert_int 1
-    authentication {{
-        auth_type PASS
-        auth_pass {PASSWORD}
-    }}
-    virtual_ipaddress {{
+    advert_int {interval:g}
+{auth}    virtual_ipaddress {{
         {vip}/{c.prefix4} dev {ifname}
     }}
 }}
@@ -186,13 +188,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 class BaselineNode:
     """conntrackd + keepalived on one firewall of the lab."""
 
-    def __init__(self, lab: Lab, node: str, master: bool) -> None:
+    def __init__(self, lab: Lab, node: str, master: bool, version: int = 2, interval: float = 1.0) -> None:
         self.lab = lab
         self.node = node
         self.master = master
+        self.version = version
+        self.interval = interval
         wd = lab.workdir
         self.ct_conf = wd / f"conntrackd-{node}.conf"
         self.ctl = wd / f"conntrackd-{node}.ctl"
@@ -205,14 +216,15 @@ class BaselineNode:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start_conntrackd(self) -> None:
+    def start_conntrackd(self, mark_rule: bool = True) -> None:
         lab = self.lab
         lab.write_file(self.ct_conf.name, conntrackd_conf(lab, self.node))
         self.lock.unlink(missing_ok=True)
         self.ctl.unlink(missing_ok=True)
-        # The same marking rule invictusd installs for itself.
-        lab.exec(self.node, "nft", "-f", "-", input=mark_ruleset(MARK_BIT).replace(
-            "table inet invictusd", "table inet baseline_mark"))
+        if mark_rule:
+            # The same marking rule invictusd installs for itself.
+            lab.exec(self.node, "nft", "-f", "-", input=mark_ruleset(MARK_BIT).replace(
+                "table inet invictusd", "table inet baseline_mark"))
         with open(lab.workdir / f"conntrackd-{self.node}.out", "ab") as out:
             self.ctd = lab.popen(self.node, CONNTRACKD, "-C", str(self.ct_conf),
                                  stdout=out, stderr=subprocess.STDOUT)
@@ -227,7 +239,8 @@ class BaselineNode:
         lab = self.lab
         script = lab.write_file(f"primary-backup-{self.node}.sh", notify_script(lab, self.node))
         script.chmod(0o700)
-        lab.write_file(self.ka_conf.name, keepalived_conf(lab, self.node, self.master))
+        lab.write_file(self.ka_conf.name, keepalived_conf(lab, self.node, self.master, self.version,
+                                                          self.interval))
         for p in (self.ka_pid, self.ka_vrrp_pid):
             p.unlink(missing_ok=True)
         with open(lab.workdir / f"keepalived-{self.node}.log", "ab") as out:
@@ -254,12 +267,31 @@ class BaselineNode:
         return out
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal every daemon of this node (keepalived's VRRP child by its own pid file)."""
+        """Signal every daemon of this node (keepalived's VRRP child by its own pid file, and
+        first: a child that outlives its parent by a moment leaves gracefully, priority 0)."""
         pids = self.pids()
+        for name in ("keepalived-vrrp", "keepalived", "conntrackd"):
+            if name in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids[name], sig)
+        self._reap(pids)
+
+    def freeze(self) -> None:
+        """SIGSTOP every daemon of this node (a box that stopped: nothing more leaves it)."""
+        for name, pid in self.pids().items():
+            if name.startswith("keepalived"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        if self.ctd is not None and self.ctd.poll() is None:
+            self.ctd.send_signal(signal.SIGSTOP)
+
+    def stop_conntrackd(self) -> None:
+        pids = {k: v for k, v in self.pids().items() if k == "conntrackd"}
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGTERM)
         self._reap(pids)
+        self.ctd = None
 
     def stop_keepalived(self, sig: int = signal.SIGTERM) -> None:
         pids = {k: v for k, v in self.pids().items() if k.startswith("keepalived")}
@@ -286,7 +318,10 @@ class BaselineNode:
             time.sleep(0.02)
 
     def close(self) -> None:
-        self.kill(signal.SIGTERM)
+        # SIGKILL at once if frozen (a stopped process never sees SIGTERM).
+        frozen = any(_stopped(p) for p in self.pids().values())
+        if not frozen:
+            self.kill(signal.SIGTERM)
         self.kill(signal.SIGKILL)
         for p in (self.ka_pid, self.ka_vrrp_pid, self.lock, self.ctl):
             p.unlink(missing_ok=True)
@@ -362,9 +397,10 @@ class Baseline:
 
     name = "baseline"
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, version: int = 2, interval: float = 1.0) -> None:
         self.lab = lab
-        self.nodes = {"fw1": BaselineNode(lab, "fw1", True), "fw2": BaselineNode(lab, "fw2", False)}
+        self.nodes = {"fw1": BaselineNode(lab, "fw1", True, version, interval),
+                      "fw2": BaselineNode(lab, "fw2", False, version, interval)}
 
     def start(self, vrrp: bool = True) -> None:
         try:

@@ -1,6 +1,6 @@
 """Conntrack load generator, run inside a firewall's namespace by the benchmark.
 
-``python3 -m benchmarks.ctgen burst --count N [--base B] [--update] [--delete]``
+``python3 -m benchmarks.ctgen burst --count N [--base B] [--kind create|update|delete] [--timeout S]``
     Creates (or updates, or deletes) N marked IPv4 TCP entries over ctnetlink as fast as the
     machine allows: all messages are built before the clock starts, then sent in large
     batches by ``Injector``. Prints one JSON line: t_start/t_end (CLOCK_MONOTONIC, shared by
@@ -61,9 +61,9 @@ def _build(inj: C.Injector, flows: list[Flow], kind: str) -> tuple[list[bytes], 
     return msgs, base
 
 
-def burst(count: int, base: int, kind: str) -> dict[str, float]:
+def burst(count: int, base: int, kind: str, timeout: int = 3600) -> dict[str, float]:
     state = F.TCP_CLOSE_WAIT if kind == "update" else F.TCP_ESTABLISHED
-    flows = make_flows(count, base, tcp_state=state, timeout=500 if kind == "update" else 600)
+    flows = make_flows(count, base, tcp_state=state, timeout=timeout - 100 if kind == "update" else timeout)
     with C.Injector(batch_bytes=256 * 1024) as inj:
         msgs, seq = _build(inj, flows, kind)
         t0 = time.monotonic()
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--count", type=int, required=True)
     b.add_argument("--base", type=int, default=0)
     b.add_argument("--kind", choices=["create", "update", "delete"], default="create")
+    b.add_argument("--timeout", type=int, default=3600,
+                   help="seconds the entries live (the benchmark's samples must end before)")
     s = sub.add_parser("steady")
     s.add_argument("--rate", type=float, required=True)
     s.add_argument("--pool", type=int, default=2000)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--base", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "burst":
-        print(json.dumps(burst(a.count, a.base, a.kind)), flush=True)
+        print(json.dumps(burst(a.count, a.base, a.kind, a.timeout)), flush=True)
     elif a.cmd == "steady":
         steady(a.rate, a.pool, a.base)
     else:
