@@ -45,6 +45,7 @@ class ApplyCounters:
     delete_missing: int = 0  # already gone (normal after a sweep or an expiry)
     failures: Counter[int] = field(default_factory=Counter)  # errno -> count
     over_capacity: int = 0
+    retried: int = 0  # messages sent a second time (create <-> update, or without status)
     refused: Counter[Refusal] = field(default_factory=Counter)  # outside our scope
     resyncs_applied: int = 0
     swept: int = 0
@@ -88,6 +89,10 @@ class Applier:
         self._current: tuple[Delivery, int] | None = None  # a delivery a scan interrupted
         self._blocking: Scan | None = None
         self._resync_clean = True  # nothing refused since the last RESYNC_BEGIN
+        # What an UPSERT (an entry the peer may or may not hold) tries first. Update suits a
+        # resync of a table we hold; create suits a bulk into an empty one (a rebooted peer),
+        # where every update would fail and be sent again. Learnt from each batch's answers.
+        self._create_first = False
 
     # ---- the pipeline ------------------------------------------------------------------------
 
@@ -151,7 +156,10 @@ class Applier:
         records = d.records
         msgs: list[bytes] = []
         recs: list[Entry | Delete] = []
+        creates: list[bool] = []  # per message: sent as a create
         base = self.injector.next_seqs(len(records) - pos)
+        create_first = self._create_first
+        pending = 0  # creates built and not yet accounted (replica_entries counts the rest)
         master = self.master()
         marks = self.marks
         parity = self.gens.parity
@@ -168,20 +176,26 @@ class Applier:
             if isinstance(rec, Entry):
                 if master:
                     mark, timeout = marks.own_mark(rec.mark), rec.timeout
+                    create = rec.new or create_first
                 else:
-                    if rec.new and self.replica_entries >= self.capacity:
+                    full = self.replica_entries + pending >= self.capacity
+                    if rec.new and full:
                         self.counters.over_capacity += 1
                         self._resync_clean = False
                         continue
                     mark, timeout = marks.replica_mark(rec.mark, parity), replica_timeout
-                msgs.append(build_entry(rec, base + len(msgs), create=rec.new, mark=mark, timeout=timeout))
+                    create = rec.new or (create_first and not full)
+                    pending += create
+                msgs.append(build_entry(rec, base + len(msgs), create=create, mark=mark, timeout=timeout))
                 recs.append(rec)
+                creates.append(create)
             elif isinstance(rec, Delete):
                 msgs.append(build_entry_delete(rec, base + len(msgs)))
                 recs.append(rec)
+                creates.append(False)
             else:
-                self._inject(msgs, recs, base)
-                msgs, recs = [], []
+                self._inject(msgs, recs, creates, base)
+                msgs, recs, creates, pending = [], [], [], 0
                 base = self.injector.next_seqs(len(records) - i)
                 if isinstance(rec, ResyncBegin):
                     self._begin()
@@ -192,7 +206,7 @@ class Applier:
                 if self._blocking is not None:
                     return i + 1
                 parity = self.gens.parity
-        self._inject(msgs, recs, base)
+        self._inject(msgs, recs, creates, base)
         return len(records)
 
     def _refuse(self, rec: Entry | Delete) -> None:
@@ -208,17 +222,22 @@ class Applier:
                              proto=rec.proto, zone=rec.zone,
                              hint="compare [sync] mark_bit, zones and families on both nodes")
 
-    def _inject(self, msgs: list[bytes], recs: list[Entry | Delete], base: int) -> None:
+    def _inject(self, msgs: list[bytes], recs: list[Entry | Delete], creates: list[bool],
+                base: int) -> None:
         if not msgs:
             return
         for start in range(0, len(msgs), BATCH):
             failures = self.injector.run(msgs[start : start + BATCH], base + start)
-            self._account(recs, start, min(len(msgs), start + BATCH), failures)
+            self._account(recs, creates, start, min(len(msgs), start + BATCH), failures)
 
-    def _account(self, recs: list[Entry | Delete], start: int, end: int, failures: dict[int, int]) -> None:
+    def _account(self, recs: list[Entry | Delete], creates: list[bool], start: int, end: int,
+                 failures: dict[int, int]) -> None:
         c = self.counters
         master = self.master()
         retry: list[tuple[int, Entry, int]] = []
+        last: dict[tuple[object, ...], int] | None = None  # entry -> its last index, if needed
+        # UPSERTs sent as update / as create, and how many of each found the kernel otherwise.
+        updates = creates_sent = missing = existing = 0
         for i in range(start, end):
             err = failures.get(i - start, 0)
             rec = recs[i]
@@ -232,17 +251,34 @@ class Applier:
                 else:
                     self._failed(err)
                 continue
+            created = creates[i]
+            if not rec.new:
+                if created:
+                    creates_sent += 1
+                    existing += err == E.EEXIST
+                else:
+                    updates += 1
+                    missing += err == E.ENOENT
             if err == 0:
-                if rec.new:
+                if created:
                     c.created += 1
                     if not master:
                         self.replica_entries += 1
                 else:
                     c.updated += 1
-            elif err in (E.EEXIST, E.ENOENT, E.EBUSY) and not _touched_later(recs, i, end):
-                retry.append((i, rec, err))
-            elif err not in (E.EEXIST, E.ENOENT, E.EBUSY):
+            elif err in (E.EEXIST, E.ENOENT, E.EBUSY):
+                # Not if a later record of the batch names the same entry: a retry would
+                # apply an older state after a newer one.
+                if last is None:
+                    last = {_ident(r): j for j, r in enumerate(recs[start:end], start)}
+                if last[_ident(rec)] == i:
+                    retry.append((i, rec, err))
+            else:
                 self._failed(err)
+        if 2 * missing > updates > 0:
+            self._create_first = True
+        elif 2 * existing > creates_sent > 0:
+            self._create_first = False
         if retry:
             self._retry(retry)
 
@@ -251,6 +287,21 @@ class Applier:
         create, and an update refused for a status bit the entry has gets no status."""
         master = self.master()
         parity = self.gens.parity
+        if not master:
+            # An update that found nothing becomes a create: the replica's cap holds here too.
+            room = self.capacity - self.replica_entries
+            kept = []
+            for item in retry:
+                if item[2] == E.ENOENT:
+                    if room <= 0:
+                        self.counters.over_capacity += 1
+                        self._resync_clean = False
+                        continue
+                    room -= 1
+                kept.append(item)
+            retry = kept
+            if not retry:
+                return
         base = self.injector.next_seqs(len(retry))
         msgs = []
         for j, (_, rec, err) in enumerate(retry):
@@ -260,6 +311,7 @@ class Applier:
                 mark, timeout = self.marks.replica_mark(rec.mark, parity), self.replica_timeout
             msgs.append(build_entry(rec, base + j, create=err == E.ENOENT, mark=mark, timeout=timeout,
                                     with_status=err != E.EBUSY))
+        self.counters.retried += len(msgs)
         failures = self.injector.run(msgs, base)
         again: list[tuple[int, Entry, int]] = []
         for j, (i, rec, err) in enumerate(retry):
@@ -402,10 +454,6 @@ class Applier:
         self._scan("count", self.marks.filter_replica(), on_batch, done)
 
 
-def _touched_later(recs: list[Entry | Delete], i: int, end: int) -> bool:
-    """Whether a later record of the batch names the same entry (then a retry of record
-    ``i`` would apply an older state after a newer one)."""
-    r = recs[i]
-    ident = (r.family, r.proto, r.src, r.dst, r.sport, r.dport, r.zone)
-    return any((x.family, x.proto, x.src, x.dst, x.sport, x.dport, x.zone) == ident
-               for x in recs[i + 1 : end])
+def _ident(r: Entry | Delete) -> tuple[object, ...]:
+    """The entry a record names (its original tuple and zone)."""
+    return (r.family, r.proto, r.src, r.dst, r.sport, r.dport, r.zone)

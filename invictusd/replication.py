@@ -616,6 +616,7 @@ class Replication:
             c.update({"applied_created": ac.created, "applied_updated": ac.updated,
                       "applied_deleted": ac.deleted, "delete_missing": ac.delete_missing,
                       "apply_failures": sum(ac.failures.values()), "over_capacity": ac.over_capacity,
+                      "applied_retried": ac.retried,
                       "resyncs_applied": ac.resyncs_applied, "swept": ac.swept,
                       "remarked": ac.remarked, "digests_matched": ac.digests_matched,
                       "digests_mismatched": ac.digests_mismatched})

@@ -252,6 +252,64 @@ def test_peer_restart_gets_the_bulk_table_and_converges() -> None:
         _assert_converged(pair, "fw1", "fw2", 20)
 
 
+def test_a_bulk_into_an_empty_table_creates_each_entry_once(measure: Any) -> None:
+    """A rebooted backup (empty kernel table) receives the master's table as UPSERTs, which
+    the applier tried as updates first (right for the resync of a table it holds): into an
+    empty table every update failed and was sent again as a create, twice the kernel's work.
+    The applier learns from a batch's answers which to try first, both ways."""
+    with lab_pair() as pair:
+        pair.configure("fw1", start_as_master=True, sync=True)
+        pair.configure("fw2", sync=True)
+        pair.start("fw1", env={"INVICTUSD_TEST_HOOKS": "1"})
+        pair.start("fw2")
+        wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
+        wait_for(lambda: pair.status("fw2")["sync"]["synced"], 10, what="fw2 synced")
+        _churn(pair, "fw1", "--create", "3000", "--seed", "5")
+        _assert_converged(pair, "fw1", "fw2", 20)
+        # A reboot of fw2: daemon stopped, kernel table empty.
+        pair.stop("fw2")
+        pair.lab.exec("fw2", "conntrack", "-F", check=False)
+        pair.start("fw2")
+        n = _assert_converged(pair, "fw1", "fw2", 20)
+        c = pair.status("fw2")["sync"]["counters"]
+        measure("bulk of 3000 entries into an empty table: created / updated / sent twice",
+                f"{c['applied_created']} / {c['applied_updated']} / {c['applied_retried']}")
+        assert n == 3000 and c["applied_created"] >= 3000, c
+        # What the first datagram's records taught it (~40), not one retry per entry.
+        assert c["applied_retried"] <= 100, c
+        # And back: a resync of the table fw2 now holds (fw1's next dump fails, the resync
+        # retries it) is tried as updates again after a batch.
+        resyncs = c["resyncs_applied"]
+        assert control.request(control_socket(pair.lab, "fw1"), "fault", what="dump")["ok"]
+        wait_for(lambda: pair.status("fw2")["sync"]["counters"]["resyncs_applied"] > resyncs, 15,
+                 what="fw2 to apply the resync")
+        after = pair.status("fw2")["sync"]["counters"]
+        measure("resync of 3000 entries fw2 holds, after that bulk: updated / sent twice",
+                f"{after['applied_updated'] - c['applied_updated']} / "
+                f"{after['applied_retried'] - c['applied_retried']}")
+        assert after["applied_updated"] - c["applied_updated"] >= 3000 - 100, after
+        assert after["applied_retried"] - c["applied_retried"] <= 100, after
+        assert _assert_converged(pair, "fw1", "fw2", 10) == 3000
+
+
+def test_a_bulk_beyond_the_replica_cap_is_refused_and_counted() -> None:
+    """``max_replica_entries`` bounds what a peer may create here. A bulk arrives as
+    UPSERTs, not as new entries: the cap must hold for the creates they turn into."""
+    with lab_pair() as pair:
+        pair.configure("fw1", start_as_master=True, sync=True)
+        pair.configure("fw2", sync=True, sync_extra={"max_replica_entries": 1000})
+        pair.start("fw1")
+        wait_for(lambda: pair.state("fw1") == "master", 12, what="fw1 master")
+        _churn(pair, "fw1", "--create", "1500", "--seed", "7")
+        pair.start("fw2")  # it receives the 1500 by bulk
+        wait_for(lambda: pair.status("fw2")["sync"]["counters"]["over_capacity"] >= 500, 15,
+                 what="fw2 to refuse what is over its cap")
+        time.sleep(1)
+        held = kernel_marked(pair.lab, "fw2")
+        assert len(held) == 1000, len(held)
+        assert pair.status("fw2")["sync"]["peer_entries"] == 1000
+
+
 def _send_udp_from(lab: Lab, node: str, src: tuple[str, int], dst: tuple[str, int],
                    payloads: list[bytes]) -> None:
     code = (
