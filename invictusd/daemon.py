@@ -530,6 +530,12 @@ class Daemon:
         assert self.machine is not None
         with self._timed("vrrp timer"):
             self._timer = None
+            if self.machine.state is State.BACKUP:
+                # The loop runs due timers before it polls its sockets: after this process
+                # was held (a stall, no CPU for a moment), Master_Down would fire while the
+                # master's adverts wait unread in the fast lane. Read them first.
+                for inst in self.instances:
+                    self._on_fast_readable(inst)
             self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
 
     def _send_advert(self, index: int, priority: int) -> None:
@@ -760,8 +766,14 @@ class Daemon:
             return self.memtrace.report(request)
         if os.environ.get("INVICTUSD_TEST_HOOKS") == "1":
             if cmd == "stall":
-                # Test hook: block the event loop to prove stall detection and the watchdog.
-                time.sleep(float(request.get("seconds", 2.0)))
+                # Test hook: block the event loop to prove stall detection and the watchdog;
+                # "in": "io" blocks it inside an I/O callback, after which the loop runs its
+                # due timers before it polls the sockets again.
+                seconds = float(request.get("seconds", 2.0))
+                if request.get("in") == "io":
+                    await _stall_in_io_callback(seconds)
+                else:
+                    time.sleep(seconds)
                 return {"ok": True}
             if cmd == "fault" and self.replica is not None:
                 return self.replica.test_hook(request)
@@ -952,6 +964,28 @@ def _needs_restart(old: Config, new: Config) -> str:
         return (f"{', '.join(changed)} changed; this needs a restart (systemctl restart "
                 "invictusd)")
     return ""
+
+
+async def _stall_in_io_callback(seconds: float) -> None:
+    """Block the loop for ``seconds`` from a reader callback (the stall test hook)."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    r, w = socket.socketpair()
+
+    def stalled() -> None:
+        loop.remove_reader(r.fileno())
+        time.sleep(seconds)
+        done.set_result(None)
+
+    try:
+        loop.add_reader(r.fileno(), stalled)
+        w.send(b"x")
+        await done
+    finally:
+        r.close()
+        w.close()
 
 
 def run(cfg: Config, replica_factory: Any = None) -> int:

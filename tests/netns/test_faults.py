@@ -343,11 +343,12 @@ class _NotifyListener:
         self.sock.close()
 
 
-def _stall(pair: Pair, node: str, seconds: float) -> dict[str, Any]:
+def _stall(pair: Pair, node: str, seconds: float, where: str = "") -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(seconds + 10)
         s.connect(control_socket(pair.lab, node))
-        s.sendall(json.dumps({"cmd": "stall", "seconds": seconds}).encode() + b"\n")
+        request = {"cmd": "stall", "seconds": seconds, **({"in": where} if where else {})}
+        s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -398,6 +399,37 @@ def test_event_loop_stall_is_logged_counted_and_starves_the_watchdog(measure: An
             measure("event-loop stall: entries compared", str(n))
         finally:
             notify.close()
+
+
+def test_a_backup_held_past_master_down_reads_the_queued_adverts_before_taking_over(
+        measure: Any) -> None:
+    """A backup whose process is held longer than Master_Down (a stall, no CPU) wakes with
+    its Master_Down timer overdue and the live master's adverts queued in its socket. The
+    loop runs due timers before it polls: unless the timer reads the queue first, the backup
+    takes over (both masters for a moment, gratuitous ARP, hooks) and steps back at the
+    next advert."""
+    stall = 4.5  # fw2's Master_Down at priority 100 and 1 s adverts: 3.61 s
+    with lab_pair() as pair:
+        pair.configure("fw1", start_as_master=True)
+        pair.configure("fw2")
+        pair.start("fw1")
+        pair.start("fw2", env={"INVICTUSD_TEST_HOOKS": "1"})
+        wait_for(lambda: pair.master() == "fw1" and pair.state("fw2") == "backup", 12,
+                 what="fw1 master, fw2 backup")
+        t = {n: _transitions(pair, n) for n in ("fw1", "fw2")}
+        received = pair.status("fw2")["vrrp"][0]["counters"]["adverts_received"]
+        # Inside an I/O callback (a datagram's work, say): the loop then runs its due timers
+        # before it polls again. (A process that got no CPU for a while, or a stall in a
+        # call_soon callback, polls first.)
+        assert _stall(pair, "fw2", stall, where="io")["ok"]
+        time.sleep(1.5)
+        after = pair.status("fw2")
+        measure("backup held 4.5 s (Master_Down 3.61 s): transitions / adverts read since",
+                f"{after['group']['transitions'] - t['fw2']} / "
+                f"{after['vrrp'][0]['counters']['adverts_received'] - received}")
+        assert after["loop"]["stalls"] >= 1  # the stall happened, and was seen
+        assert {n: _transitions(pair, n) for n in ("fw1", "fw2")} == t
+        assert pair.master() == "fw1" and pair.state("fw2") == "backup"  # fw2 holds no VIP
 
 
 if __name__ == "__main__":  # pragma: no cover
