@@ -228,12 +228,7 @@ def test_a_failed_dump_ends_the_dump_state_and_is_retried() -> None:
     """Item 6: only OSError was caught around dump(); a NetlinkError left the dump state set
     for ever and every event was held in memory, nothing replicated any more."""
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True, sync=True)
-        pair.configure("fw2", sync=True)
-        pair.start("fw1", env={"INVICTUSD_TEST_HOOKS": "1"})
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
-        wait_for(lambda: pair.status("fw2")["sync"]["synced"], 10, what="fw2 synced")
+        _start_synced(pair, env1={"INVICTUSD_TEST_HOOKS": "1"})
         _churn(pair, "fw1", "--create", "300", "--seed", "61")
         _assert_converged(pair, "fw1", "fw2", 10)
         s0 = pair.status("fw1")["sync"]["counters"]

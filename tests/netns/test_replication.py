@@ -28,10 +28,12 @@ PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 
 Key = tuple[int, int, tuple[str, str, int, int], tuple[str, str, int, int]]
 
 
-def _start_synced(pair: Pair, sync: bool = True, **kw: Any) -> None:
+def _start_synced(pair: Pair, sync: bool = True, env1: dict[str, str] | None = None,
+                  **kw: Any) -> None:
+    """fw1 master (with ``env1`` in its environment), fw2 backup, both in sync."""
     pair.configure("fw1", start_as_master=True, sync=sync, **kw)
     pair.configure("fw2", sync=sync, **kw)
-    pair.start("fw1")
+    pair.start("fw1", env=env1)
     pair.start("fw2")
     wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
     if sync:
@@ -258,12 +260,7 @@ def test_a_bulk_into_an_empty_table_creates_each_entry_once(measure: Any) -> Non
     empty table every update failed and was sent again as a create, twice the kernel's work.
     The applier learns from a batch's answers which to try first, both ways."""
     with lab_pair() as pair:
-        pair.configure("fw1", start_as_master=True, sync=True)
-        pair.configure("fw2", sync=True)
-        pair.start("fw1", env={"INVICTUSD_TEST_HOOKS": "1"})
-        pair.start("fw2")
-        wait_for(lambda: pair.master() == "fw1", 12, what="fw1 master")
-        wait_for(lambda: pair.status("fw2")["sync"]["synced"], 10, what="fw2 synced")
+        _start_synced(pair, env1={"INVICTUSD_TEST_HOOKS": "1"})
         _churn(pair, "fw1", "--create", "3000", "--seed", "5")
         _assert_converged(pair, "fw1", "fw2", 20)
         # A reboot of fw2: daemon stopped, kernel table empty.
