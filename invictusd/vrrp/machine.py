@@ -382,7 +382,8 @@ class GroupMachine:
             if v.master_down_at is not None and v.master_down_at <= now:
                 p = self.params.instances[i]
                 why = v.master_down_why or f"no advert for {self.master_down_interval(i):.3f}s"
-                self._become_master(f"master down on {p.interface} ({why})", now, out)
+                where = f"{p.interface} IPv6" if p.family == 6 else p.interface
+                self._become_master(f"master down on {where} ({why})", now, out)
                 return
 
     def _tick_master(self, ev: Tick, now: float, out: list[Action]) -> None:
