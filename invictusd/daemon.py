@@ -535,7 +535,8 @@ class Daemon:
                 # was held (a stall, no CPU for a moment), Master_Down would fire while the
                 # master's adverts wait unread in the fast lane. Read them first.
                 for inst in self.instances:
-                    self._on_fast_readable(inst)
+                    if inst.sock.fast.fileno() >= 0:  # not closed by a stop under way
+                        self._on_fast_readable(inst)
             self._apply(self.machine.handle(Tick(), asyncio.get_running_loop().time()))
 
     def _send_advert(self, index: int, priority: int) -> None:
