@@ -26,15 +26,62 @@ from typing import Any
 
 from invictusd.io.conntrack import Injector
 from invictusd.io.scan import Scan
-from invictusd.io.transcode import Batch, EventTranscoder, build_entry, build_entry_delete
+from invictusd.io.transcode import (
+    KIND_CREATE,
+    KIND_DELETE,
+    KIND_UPDATE,
+    Batch,
+    Built,
+    EventTranscoder,
+    Injection,
+    build_entry,
+    build_entry_delete,
+    build_records,
+)
 from invictusd.sync import wire
 from invictusd.sync.policy import Generations, Refusal, Remark, ReplicaMarks, Scope, Sweep
 from invictusd.sync.receiver import Delivery
 from invictusd.sync.session import SyncSession
 from invictusd.sync.wire import Delete, Digest, Entry, RequestReason, ResyncBegin, ResyncEnd
 
-BATCH = 512  # messages per injection batch
+BATCH = 512  # requests per injection batch (across deliveries)
+# The first batch of a resync is small: its answers teach whether UPSERTs find the entries
+# (update first) or not (create first: a bulk into a rebooted peer's empty table), and a
+# wrong guess costs every request of that batch a second send. Batches then double.
+PROBE_BATCH = 32
+# Sequence numbers reserved past BATCH: a delivery's requests are added whole, one request
+# per record of at least 14 bytes (a DELETE) in a datagram of at most 64 KiB.
+SEQ_SLACK = (1 << 16) // 14 + 1
 DELIVERIES_PER_RUN = 64
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Requests built and not yet injected: per request, the payload and offset of its
+    record and how it was sent (``transcode.KIND_*``); seq = ``base`` + index."""
+
+    msgs: list[bytes] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    kinds: bytearray = field(default_factory=bytearray)
+    creates: int = 0
+    base: int = 0
+    master: bool = False
+
+    def add(self, payload: bytes, built: Built) -> None:
+        self.msgs += built.msgs
+        self.payloads += [payload] * len(built.msgs)
+        self.offsets += built.offsets
+        self.kinds += built.kinds
+        self.creates += len(built.kinds) - built.kinds.count(KIND_DELETE) - built.kinds.count(KIND_UPDATE)
+
+    def records(self) -> list[Entry | Delete]:
+        out: list[Entry | Delete] = []
+        for payload, off in zip(self.payloads, self.offsets, strict=True):
+            rec = wire.decode_record_at(payload, off)[0]
+            assert isinstance(rec, Entry | Delete)
+            out.append(rec)
+        return out
 
 
 @dataclass(slots=True)
@@ -93,16 +140,14 @@ class Applier:
         # resync of a table we hold; create suits a bulk into an empty one (a rebooted peer),
         # where every update would fail and be sent again. Learnt from each batch's answers.
         self._create_first = False
+        self._pending = _Pending()
+        self._limit = PROBE_BATCH  # the current batch size (see PROBE_BATCH)
 
     # ---- the pipeline ------------------------------------------------------------------------
 
     def feed(self, deliveries: list[Delivery]) -> None:
-        """Queue deliveries. Those the next ``run`` will not reach (a scan blocks it, or we
-        are behind) wait as bytes (``Delivery.compact``): decoded, the up to apply_slack +
-        window datagrams a backup may hold would take ~15 times the memory, for nothing."""
-        queue = self._queue
-        for d in deliveries:
-            queue.append(d if self._blocking is None and len(queue) < DELIVERIES_PER_RUN else d.compact())
+        """Queue deliveries (each only its bytes: ``Delivery``)."""
+        self._queue.extend(deliveries)
 
     @property
     def busy(self) -> bool:
@@ -113,23 +158,32 @@ class Applier:
         return len(self._queue)
 
     def run(self) -> None:
-        """Apply queued deliveries until none is left or a kernel scan must run first."""
+        """Apply queued deliveries until none is left or a kernel scan must run first.
+
+        Requests are built from the records' bytes (``transcode.build_records``) and
+        injected ``BATCH`` at a time across deliveries; a delivery counts as applied once its
+        requests are in (the stream-control records flush first: their scans see every
+        record before them in the kernel)."""
         loop = asyncio.get_running_loop()
+        done: int | None = None
         for _ in range(DELIVERIES_PER_RUN):
             if self._blocking is not None:
-                return
+                break
             if self._current is None:
                 if not self._queue:
-                    return
+                    break
                 self._current = (self._queue.popleft(), 0)
             d, pos = self._current
             pos = self._process(d, pos)
             if self._blocking is not None:
                 self._current = (d, pos)  # the rest of it runs when the scan is done
-                return
+                break
             self._current = None
-            self.session.applied(d.seq, loop.time())
-        if self._queue:
+            done = d.seq
+        self._flush()
+        if done is not None:
+            self.session.applied(done, loop.time())
+        if self._queue and self._blocking is None:
             loop.call_soon(self._run_later)  # more next turn: the loop stays responsive
 
     def _run_and_report(self) -> None:
@@ -148,66 +202,56 @@ class Applier:
             self._blocking = None
         self._queue.clear()
         self._current = None
+        self._pending = _Pending()
 
     # ---- records -------------------------------------------------------------------------
 
-    def _process(self, d: Delivery, pos: int) -> int:
-        """Apply ``d``'s records from ``pos``; returns where it stopped (a scan started)."""
-        records = d.records
-        msgs: list[bytes] = []
-        recs: list[Entry | Delete] = []
-        creates: list[bool] = []  # per message: sent as a create
-        base = self.injector.next_seqs(len(records) - pos)
-        create_first = self._create_first
-        pending = 0  # creates built and not yet accounted (replica_entries counts the rest)
-        master = self.master()
+    def _injection(self, master: bool) -> Injection:
         marks = self.marks
-        parity = self.gens.parity
-        replica_timeout = self.replica_timeout
-        bit = marks.marked
-        families, zones = self.scope.families, self.scope.zones
-        for i in range(pos, len(records)):
-            rec = records[i]
-            if isinstance(rec, Entry | Delete) and not (
-                    rec.family in families and rec.zone in zones
-                    and (isinstance(rec, Delete) or (rec.mark & bit and rec.rzone in zones))):
-                self._refuse(rec)
-                continue
-            if isinstance(rec, Entry):
-                if master:
-                    mark, timeout = marks.own_mark(rec.mark), rec.timeout
-                    create = rec.new or create_first
-                else:
-                    full = self.replica_entries + pending >= self.capacity
-                    if rec.new and full:
-                        self.counters.over_capacity += 1
-                        self._resync_clean = False
-                        continue
-                    mark, timeout = marks.replica_mark(rec.mark, parity), replica_timeout
-                    create = rec.new or (create_first and not full)
-                    pending += create
-                msgs.append(build_entry(rec, base + len(msgs), create=create, mark=mark, timeout=timeout))
-                recs.append(rec)
-                creates.append(create)
-            elif isinstance(rec, Delete):
-                msgs.append(build_entry_delete(rec, base + len(msgs)))
-                recs.append(rec)
-                creates.append(False)
-            else:
-                self._inject(msgs, recs, creates, base)
-                msgs, recs, creates, pending = [], [], [], 0
-                base = self.injector.next_seqs(len(records) - i)
-                if isinstance(rec, ResyncBegin):
-                    self._begin()
-                elif isinstance(rec, ResyncEnd):
-                    self._end()
-                elif isinstance(rec, Digest):
-                    self._check_digest(rec)
-                if self._blocking is not None:
-                    return i + 1
-                parity = self.gens.parity
-        self._inject(msgs, recs, creates, base)
-        return len(records)
+        if master:
+            mark_and, mark_or = marks.own_masks()
+            timeout, room = 0, None
+        else:
+            mark_and, mark_or = marks.replica_masks(self.gens.parity)
+            timeout = self.replica_timeout
+            room = self.capacity - self.replica_entries - self._pending.creates
+        return Injection(mark_and, mark_or, timeout, room, self._create_first, self.scope)
+
+    def _process(self, d: Delivery, pos: int) -> int:
+        """Build ``d``'s records from byte ``pos`` into the pending batch, running the
+        stream-control records on the way; returns where it stopped (a scan started)."""
+        payload = d.payload
+        while True:
+            p = self._pending
+            if not p.msgs:
+                p.master = self.master()
+                p.base = self.injector.next_seqs(BATCH + SEQ_SLACK)
+            built = build_records(payload, pos, p.base + len(p.msgs), self._injection(p.master))
+            if built.over_capacity:
+                self.counters.over_capacity += built.over_capacity
+                self._resync_clean = False
+            for off in built.refused:
+                refused = wire.decode_record_at(payload, off)[0]
+                assert isinstance(refused, Entry | Delete)
+                self._refuse(refused)
+            if built.msgs:
+                p.add(payload, built)
+                if len(p.msgs) >= self._limit:
+                    self._flush()
+            pos = built.end
+            control = built.control
+            if control is None:
+                return pos
+            self._flush()
+            rec = control
+            if isinstance(rec, ResyncBegin):
+                self._begin()
+            elif isinstance(rec, ResyncEnd):
+                self._end()
+            elif isinstance(rec, Digest):
+                self._check_digest(rec)
+            if self._blocking is not None:
+                return pos
 
     def _refuse(self, rec: Entry | Delete) -> None:
         """An entry outside what we replicate: never into our kernel. Logged at the first
@@ -222,26 +266,39 @@ class Applier:
                              proto=rec.proto, zone=rec.zone,
                              hint="compare [sync] mark_bit, zones and families on both nodes")
 
-    def _inject(self, msgs: list[bytes], recs: list[Entry | Delete], creates: list[bool],
-                base: int) -> None:
-        if not msgs:
+    def _flush(self) -> None:
+        """Inject the pending batch and account for every answer."""
+        p = self._pending
+        if not p.msgs:
             return
-        for start in range(0, len(msgs), BATCH):
-            failures = self.injector.run(msgs[start : start + BATCH], base + start)
-            self._account(recs, creates, start, min(len(msgs), start + BATCH), failures)
-
-    def _account(self, recs: list[Entry | Delete], creates: list[bool], start: int, end: int,
-                 failures: dict[int, int]) -> None:
+        self._pending = _Pending()
+        self._limit = min(BATCH, 2 * self._limit)
+        failures = self.injector.run(p.msgs, p.base)
         c = self.counters
-        master = self.master()
-        retry: list[tuple[int, Entry, int]] = []
-        last: dict[tuple[object, ...], int] | None = None  # entry -> its last index, if needed
+        kinds = p.kinds
+        if not failures:  # the common case: count by kind
+            deleted = kinds.count(KIND_DELETE)
+            updated = kinds.count(KIND_UPDATE)
+            created = len(kinds) - deleted - updated
+            c.deleted += deleted
+            c.updated += updated
+            c.created += created
+            if not p.master:
+                self.replica_entries += created - deleted
+            return
+        self._account(p, failures)
+
+    def _account(self, p: _Pending, failures: dict[int, int]) -> None:
+        c = self.counters
+        master = p.master
+        retry: list[tuple[Entry, int]] = []
+        recs: list[Entry | Delete] | None = None  # decoded only if a retry needs them
+        last: dict[tuple[object, ...], int] = {}  # entry -> its last index in the batch
         # UPSERTs sent as update / as create, and how many of each found the kernel otherwise.
         updates = creates_sent = missing = existing = 0
-        for i in range(start, end):
-            err = failures.get(i - start, 0)
-            rec = recs[i]
-            if isinstance(rec, Delete):
+        for i, kind in enumerate(p.kinds):
+            err = failures.get(i, 0)
+            if kind == KIND_DELETE:
                 if err == 0:
                     c.deleted += 1
                     if not master:
@@ -251,28 +308,29 @@ class Applier:
                 else:
                     self._failed(err)
                 continue
-            created = creates[i]
-            if not rec.new:
-                if created:
-                    creates_sent += 1
-                    existing += err == E.EEXIST
-                else:
-                    updates += 1
-                    missing += err == E.ENOENT
+            if kind == KIND_CREATE:
+                creates_sent += 1
+                existing += err == E.EEXIST
+            elif kind == KIND_UPDATE:
+                updates += 1
+                missing += err == E.ENOENT
             if err == 0:
-                if created:
+                if kind == KIND_UPDATE:
+                    c.updated += 1
+                else:
                     c.created += 1
                     if not master:
                         self.replica_entries += 1
-                else:
-                    c.updated += 1
             elif err in (E.EEXIST, E.ENOENT, E.EBUSY):
                 # Not if a later record of the batch names the same entry: a retry would
                 # apply an older state after a newer one.
-                if last is None:
-                    last = {_ident(r): j for j, r in enumerate(recs[start:end], start)}
+                if recs is None:
+                    recs = p.records()
+                    last = {_ident(r): j for j, r in enumerate(recs)}
+                rec = recs[i]
+                assert isinstance(rec, Entry)
                 if last[_ident(rec)] == i:
-                    retry.append((i, rec, err))
+                    retry.append((rec, err))
             else:
                 self._failed(err)
         if 2 * missing > updates > 0:
@@ -280,19 +338,18 @@ class Applier:
         elif 2 * existing > creates_sent > 0:
             self._create_first = False
         if retry:
-            self._retry(retry)
+            self._retry(retry, master)
 
-    def _retry(self, retry: list[tuple[int, Entry, int]]) -> None:
+    def _retry(self, retry: list[tuple[Entry, int]], master: bool) -> None:
         """A create that found the entry becomes an update, an update that did not becomes a
         create, and an update refused for a status bit the entry has gets no status."""
-        master = self.master()
         parity = self.gens.parity
         if not master:
             # An update that found nothing becomes a create: the replica's cap holds here too.
             room = self.capacity - self.replica_entries
             kept = []
             for item in retry:
-                if item[2] == E.ENOENT:
+                if item[1] == E.ENOENT:
                     if room <= 0:
                         self.counters.over_capacity += 1
                         self._resync_clean = False
@@ -304,7 +361,7 @@ class Applier:
                 return
         base = self.injector.next_seqs(len(retry))
         msgs = []
-        for j, (_, rec, err) in enumerate(retry):
+        for j, (rec, err) in enumerate(retry):
             if master:
                 mark, timeout = self.marks.own_mark(rec.mark), rec.timeout
             else:
@@ -313,8 +370,8 @@ class Applier:
                                     with_status=err != E.EBUSY))
         self.counters.retried += len(msgs)
         failures = self.injector.run(msgs, base)
-        again: list[tuple[int, Entry, int]] = []
-        for j, (i, rec, err) in enumerate(retry):
+        again: list[tuple[Entry, int]] = []
+        for j, (rec, err) in enumerate(retry):
             f = failures.get(j, 0)
             if f == 0:
                 if err == E.ENOENT:
@@ -324,11 +381,11 @@ class Applier:
                 else:
                     self.counters.updated += 1
             elif f == E.EBUSY and err == E.EEXIST:
-                again.append((i, rec, E.EBUSY))
+                again.append((rec, E.EBUSY))
             else:
                 self._failed(f)
         if again:
-            self._retry(again)
+            self._retry(again, master)
 
     def _failed(self, err: int) -> None:
         self.counters.failures[err] += 1
@@ -337,6 +394,7 @@ class Applier:
     # ---- stream control ----------------------------------------------------------------------
 
     def _begin(self) -> None:
+        self._limit = PROBE_BATCH
         steps = self.gens.begin()
         self._resync_clean = True
         self.session.receiver.resync_begun(asyncio.get_running_loop().time())
@@ -390,12 +448,13 @@ class Applier:
     def _remark(self, step: Remark) -> None:
         to = step.to_parity
 
+        # Our own kernel's replica entries (no scope to check), in the update form, no status.
+        how = Injection(*self.marks.replica_masks(to), self.replica_timeout, None, False, None,
+                        with_status=False)
+
         def on_batch(batch: Batch) -> None:
-            entries = self._entries(batch)
-            base = self.injector.next_seqs(len(entries))
-            msgs = [build_entry(e, base + i, create=False, with_status=False,
-                                mark=self.marks.replica_mark(e.mark, to), timeout=self.replica_timeout)
-                    for i, e in enumerate(entries)]
+            base = self.injector.next_seqs(len(batch.records))
+            msgs = build_records(b"".join(batch.records), 0, base, how).msgs
             failures = self.injector.run(msgs, base) if msgs else {}
             self.counters.remarked += len(msgs) - len(failures)
 

@@ -39,7 +39,7 @@ from invictusd.io.ctnetlink import NetlinkError
 from invictusd.io.markrule import TABLE, MarkRuleError, install_mark_rule, remove_mark_rule
 from invictusd.io.scan import Scan
 from invictusd.io.sync_socket import SyncSocket
-from invictusd.io.transcode import Batch, EventTranscoder, build_entry, event_filter
+from invictusd.io.transcode import Batch, EventTranscoder, Injection, build_records, event_filter
 from invictusd.sync import wire
 from invictusd.sync.policy import (
     OTHER_TIMEOUT_SYSCTLS,
@@ -403,13 +403,15 @@ class Replication:
         injector = self.injector
         done = [0]
 
+        def timeouts(proto: int, tcp_state: int, status: int) -> int:
+            return handover_timeout(proto, tcp_state, status, table)
+
+        # Our own kernel's entries (no scope to check), in the update form, no status.
+        how = Injection(*marks.own_masks(), 0, None, False, None, with_status=False, timeouts=timeouts)
+
         def on_batch(batch: Batch) -> None:
-            data = b"".join(batch.records)
-            entries = [r for r in wire.decode_records(data) if isinstance(r, Entry)]
-            base = injector.next_seqs(len(entries))
-            msgs = [build_entry(e, base + i, create=False, with_status=False, mark=marks.own_mark(e.mark),
-                                timeout=handover_timeout(e.proto, e.tcp_state, e.status, table))
-                    for i, e in enumerate(entries)]
+            base = injector.next_seqs(len(batch.records))
+            msgs = build_records(b"".join(batch.records), 0, base, how).msgs
             failures = injector.run(msgs, base) if msgs else {}
             done[0] += len(msgs) - len(failures)
 

@@ -38,12 +38,16 @@ from invictusd import flows as F
 from invictusd.io import ctnetlink as ct
 from invictusd.io.ctnetlink import KernelError, NetlinkError
 from invictusd.sync import wire
+from invictusd.sync.policy import Scope
 
 __all__ = [
     "Batch",
+    "Built",
     "EventTranscoder",
+    "Injection",
     "build_entry",
     "build_entry_delete",
+    "build_records",
     "event_filter",
     "with_ack",
 ]
@@ -850,6 +854,238 @@ def build_entry_delete(d: wire.Delete, seq: int, *, ack: bool = False) -> bytes:
     packed = body.pack(*args, _H_ZONE, zone) if zone else body.pack(*args)
     flags = ct.NLM_F_REQUEST | ct.NLM_F_ACK if ack else ct.NLM_F_REQUEST
     return _MSGHDR.pack(20 + body.size, ct.CT_DELETE, flags, seq & 0xFFFFFFFF, 0, _AF[v6], 0, 0) + packed
+
+
+# --- backup side, fused: wire payload -> ctnetlink requests, no record objects ---------------
+KIND_DELETE: Final = 0  # a DELETE record
+KIND_UPDATE: Final = 1  # an UPSERT sent in the update form
+KIND_CREATE: Final = 2  # an UPSERT sent as a create
+KIND_NEW: Final = 3  # an UPSERT_NEW (always sent as a create)
+
+
+class Injection(NamedTuple):
+    """How the records of a payload go into our kernel (``build_records``).
+
+    Each entry's mark becomes ``mark & mark_and | mark_or`` (``ReplicaMarks.replica_mark``/
+    ``own_mark`` as masks). ``timeout``: the one every entry gets (0: the record's own, the
+    master's remaining time), unless ``timeouts`` gives one per (proto, tcp_state, status)
+    (a hand-over: what the kernel would give the entry). ``room``: creates allowed before
+    the replica cap (None: no cap, as master); a full table drops UPSERT_NEW records and
+    sends UPSERTs as updates. ``create_first``: UPSERTs try create before update. Records
+    outside ``scope`` (family, zones, mark bit; None: our own kernel's, all in scope) are
+    never built. ``with_status``: updates carry the status bits (not for a re-mark).
+    """
+
+    mark_and: int
+    mark_or: int
+    timeout: int
+    room: int | None
+    create_first: bool
+    scope: Scope | None
+    with_status: bool = True
+    timeouts: Callable[[int, int, int], int] | None = None
+
+
+class Built(NamedTuple):
+    """What ``build_records`` made of a payload from ``start`` to ``end``.
+
+    ``msgs``: the requests, seq = the caller's base + index; ``offsets``/``kinds``: per
+    request, where its record starts in the payload and how it was sent (``KIND_*``);
+    ``refused``: offsets of records outside the scope; ``over_capacity``: UPSERT_NEW records
+    dropped by the cap; ``control``: the stream-control record that stopped the walk (the
+    payload continues at ``end``, after it), or None at the payload's end.
+    """
+
+    msgs: list[bytes]
+    offsets: list[int]
+    kinds: bytearray
+    refused: list[int]
+    over_capacity: int
+    end: int
+    control: wire.Record | None
+
+
+class _Form(NamedTuple):
+    """One request layout of the fused path: a plain TCP/UDP entry's create or update."""
+
+    pack: Callable[..., bytes]
+    size: int  # nlmsghdr + nfgenmsg + body, without the tcp protoinfo
+    flags: int
+
+
+def _forms(v6: bool, with_status: bool) -> tuple[_Form, _Form]:
+    """(update, create) forms, indexed by ``create``; a create always carries the status."""
+    update, create = _BODY_PORTS[v6, False, with_status], _BODY_PORTS[v6, True, True]
+    return (_Form(update.pack, 20 + update.size, _FLAGS_UPDATE_NOACK),
+            _Form(create.pack, 20 + create.size, _FLAGS_CREATE_NOACK))
+
+
+_FORMS = {(v6, ws): _forms(v6, ws) for v6 in (False, True) for ws in (False, True)}
+_PLAIN_REC = {  # flag nibble of a plain entry record -> (wire struct, v6, tcp_state present)
+    0: (wire._E4, False, False),
+    _RF_PI: (wire._E4P, False, True),
+    _RF_V6: (wire._E6, True, False),
+    _RF_V6 | _RF_PI: (wire._E6P, True, True),
+}
+_R_NEW: Final = wire.RecordType.UPSERT_NEW
+_R_UPSERT: Final = wire.RecordType.UPSERT
+_R_DELETE: Final = wire.RecordType.DELETE
+
+
+def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built:
+    """The ctnetlink requests for the records of a checked DATA payload from ``start``
+    (``wire.validate_records`` passed), up to the first stream-control record.
+
+    The same bytes as ``build_entry``/``build_entry_delete`` of each decoded record with the
+    marks, timeouts and forms ``how`` gives (the unit tests hold the two paths equal): plain
+    TCP/UDP entries and deletes (no NAT, no zone: the bulk of a stream) go from one unpack
+    of the wire record to one pack of the request; the rest is decoded and built.
+    """
+    msgs: list[bytes] = []
+    offsets: list[int] = []
+    kinds = bytearray()
+    refused: list[int] = []
+    append, note, kind = msgs.append, offsets.append, kinds.append
+    over = 0
+    mark_and, mark_or, fixed_timeout, with_status = how.mark_and, how.mark_or, how.timeout, how.with_status
+    timeouts = how.timeouts
+    timeout_memo: dict[tuple[int, int, int], int] = {}
+    room = how.room
+    capped = room is not None
+    left = room if room is not None else 0
+    create_first = how.create_first
+    scope = how.scope
+    if scope is None:
+        families, zones, bit = frozenset((4, 6)), None, 0
+        plain_ok = {False: True, True: True}
+    else:
+        families, zones, bit = scope.families, scope.zones, 1 << scope.mark_bit
+        plain_ok = {False: 4 in families and 0 in zones, True: 6 in families and 0 in zones}
+    forms = {False: _FORMS[False, with_status], True: _FORMS[True, with_status]}
+    plain_rec, icmps, ports = _PLAIN_REC, _ICMPS, _PORTS
+    mhdr = _MSGHDR.pack
+    af = _AF
+    tcp_cache: dict[int, bytes] = {}
+    off, end = start, len(payload)
+    seq &= 0xFFFFFFFF
+    while off < end:
+        b0 = payload[off]
+        rt, fl = b0 >> 4, b0 & 0xF
+        if rt in (_R_NEW, _R_UPSERT):
+            p = plain_rec.get(fl)
+            if p is not None and payload[off + 1] not in icmps:
+                s, v6, has_tcp = p
+                if has_tcp:
+                    _, proto, src, dst, sp, dp, st, to, mk, tcp = s.unpack_from(payload, off)
+                else:
+                    _, proto, src, dst, sp, dp, st, to, mk = s.unpack_from(payload, off)
+                    tcp = 0
+                here, off = off, off + s.size
+                if not (plain_ok[v6] and (mk & bit or not bit)):
+                    refused.append(here)
+                    continue
+                new = rt == _R_NEW
+                if capped:
+                    full = left <= 0
+                    if new and full:
+                        over += 1
+                        continue
+                    create = new or (create_first and not full)
+                    left -= create
+                else:
+                    create = new or create_first
+                if proto == 6:
+                    ti = tcp_cache.get(tcp)
+                    if ti is None:
+                        ti = tcp_cache[tcp] = _tcp_info(tcp, True)
+                else:
+                    ti = b""
+                if timeouts is not None:
+                    k3 = (proto, tcp, st)
+                    timeout = timeout_memo.get(k3) or timeout_memo.setdefault(k3, timeouts(*k3))
+                else:
+                    timeout = fixed_timeout or to or ct.DEFAULT_TIMEOUT
+                mark = mk & mark_and | mark_or
+                shape = ports[v6]
+                h0, h1, h2, h3, h4, h5, h6 = shape.hdrs[:7]
+                form = forms[v6][create]
+                if create:
+                    packed = form.pack(
+                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                        shape.reply, h0, h1, dst, h2, src, h3, h4, proto, h5, dp, h6, sp,
+                        _H_STATUS, st & _STATUS_SENT | _CONFIRMED, _H_TIMEOUT, timeout, _H_MARK, mark,
+                    )  # fmt: skip
+                elif with_status:
+                    packed = form.pack(
+                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                        _H_STATUS, st & _STATUS_SENT | _CONFIRMED, _H_TIMEOUT, timeout, _H_MARK, mark,
+                    )  # fmt: skip
+                else:
+                    packed = form.pack(
+                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                        _H_TIMEOUT, timeout, _H_MARK, mark,
+                    )  # fmt: skip
+                append(mhdr(form.size + len(ti), ct.CT_NEW, form.flags, seq, 0, af[v6], 0, 0) + packed + ti)
+                note(here)
+                kind(KIND_NEW if new else KIND_CREATE if create else KIND_UPDATE)
+                seq = (seq + 1) & 0xFFFFFFFF
+                continue
+            rec, nxt = wire.decode_record_at(payload, off)
+            assert isinstance(rec, wire.Entry)
+            here, off = off, nxt
+            if zones is not None and not (rec.family in families and rec.zone in zones
+                                          and rec.rzone in zones and rec.mark & bit):
+                refused.append(here)
+                continue
+            new = rec.new
+            if capped:
+                full = left <= 0
+                if new and full:
+                    over += 1
+                    continue
+                create = new or (create_first and not full)
+                left -= create
+            else:
+                create = new or create_first
+            timeout = (timeouts(rec.proto, rec.tcp_state, rec.status) if timeouts is not None
+                       else fixed_timeout or rec.timeout)
+            append(build_entry(rec, seq, create=create, mark=rec.mark & mark_and | mark_or, timeout=timeout,
+                               with_status=with_status or create))
+            note(here)
+            kind(KIND_NEW if new else KIND_CREATE if create else KIND_UPDATE)
+            seq = (seq + 1) & 0xFFFFFFFF
+        elif rt == _R_DELETE:
+            if not fl & _RF_ZONE and payload[off + 1] not in icmps:
+                v6 = bool(fl & _RF_V6)
+                s = _DEL[v6]
+                _, proto, src, dst, sp, dp = s.unpack_from(payload, off)
+                here, off = off, off + s.size
+                if not plain_ok[v6]:
+                    refused.append(here)
+                    continue
+                shape = ports[v6]
+                h0, h1, h2, h3, h4, h5, h6 = shape.hdrs[:7]
+                body = _DEL_BODY[v6, False, False]
+                packed = body.pack(shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp)
+                append(mhdr(20 + body.size, ct.CT_DELETE, ct.NLM_F_REQUEST, seq, 0, af[v6], 0, 0) + packed)
+                note(here)
+                kind(KIND_DELETE)
+                seq = (seq + 1) & 0xFFFFFFFF
+                continue
+            rec, nxt = wire.decode_record_at(payload, off)
+            assert isinstance(rec, wire.Delete)
+            here, off = off, nxt
+            if zones is not None and not (rec.family in families and rec.zone in zones):
+                refused.append(here)
+                continue
+            append(build_entry_delete(rec, seq))
+            note(here)
+            kind(KIND_DELETE)
+            seq = (seq + 1) & 0xFFFFFFFF
+        else:
+            rec, off = wire.decode_record_at(payload, off)
+            return Built(msgs, offsets, kinds, refused, over, off, rec)
+    return Built(msgs, offsets, kinds, refused, over, off, None)
 
 
 # --- kernel-side event filter -----------------------------------------------------------------

@@ -53,12 +53,22 @@ class ReplicaMarks:
         """The bits of ours that never travel on the wire."""
         return self.replica | self.generation
 
+    def replica_masks(self, parity: int) -> tuple[int, int]:
+        """(and, or): a replica entry's mark in the backup's kernel is ``mark & and | or``."""
+        return ~self.ours & 0xFFFFFFFF, self.marked | self.replica | (self.generation if parity else 0)
+
+    def own_masks(self) -> tuple[int, int]:
+        """(and, or): an entry's mark when it is ours (split brain, hand-over)."""
+        return ~self.ours & 0xFFFFFFFF, self.marked
+
     def replica_mark(self, mark: int, parity: int) -> int:
         """The mark a replica entry gets in the backup's kernel."""
-        return (mark & ~self.ours) | self.marked | self.replica | (self.generation if parity else 0)
+        m_and, m_or = self.replica_masks(parity)
+        return mark & m_and | m_or
 
     def own_mark(self, mark: int) -> int:
-        return (mark & ~self.ours) | self.marked
+        m_and, m_or = self.own_masks()
+        return mark & m_and | m_or
 
     def filter_replica(self, parity: int | None = None) -> tuple[int, int]:
         """(mark, mask) of a kernel dump filter: replica entries (of ``parity`` if given)."""

@@ -4,8 +4,9 @@ DATA datagrams are put back in order (a bounded reorder buffer), gaps are NACKed
 in-order datagram's records are handed to the adapter (``deliveries``), which applies them
 to the kernel and says so (``applied``). Acknowledgements run ahead of the application by
 at most ``apply_slack`` datagrams: a long kernel operation (a sweep after a resync) holds
-the peer's window instead of queueing without bound here. A datagram that has to wait (out
-of order here, queued by the adapter) keeps only its bytes (``Delivery.compact``).
+the peer's window instead of queueing without bound here. A datagram travels as its
+records' bytes (``Delivery``), checked but never decoded here: the adapter transcodes them
+straight into kernel requests.
 
 A stream starts at a SYNC_POINT (the first datagram of a resync); one above the expected
 sequence number supersedes whatever was missing before it. The replica is ``synced`` once
@@ -48,29 +49,20 @@ class ReceiverConfig:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One in-order DATA datagram's records, for the adapter to apply.
+    """One in-order DATA datagram's records, as their (authenticated, checked) bytes.
 
-    Decoded, a datagram's records take about 15 times its bytes (a tuple, bytes and ints
-    per record: ~22 KB for a 1.4 KB datagram). A delivery that has to wait keeps only the
-    bytes (``compact``) and is decoded again when it is applied (``records``): a backup
-    behind its master holds up to ``apply_slack`` + the sender's window of them.
+    Decoded, a datagram's records would take about 15 times its bytes (a tuple, bytes and
+    ints per record: ~22 KB for a 1.4 KB datagram) and cost more than injecting them: the
+    adapter builds kernel requests from the bytes (``invictusd.io.transcode``); ``records``
+    decodes them for whoever needs the objects.
     """
 
     seq: int
-    decoded: tuple[Record, ...] | None  # None: compacted, decode ``payload`` again
-    payload: bytes = b""  # the records' bytes (a datagram's, already authenticated)
+    payload: bytes  # the records' bytes (a datagram's, already authenticated and checked)
 
     @property
     def records(self) -> tuple[Record, ...]:
-        if self.decoded is not None:
-            return self.decoded
         return tuple(decode_records(self.payload))
-
-    def compact(self) -> Delivery:
-        """This delivery holding only its bytes (itself if there are none to hold)."""
-        if self.decoded is None or not self.payload:
-            return self
-        return Delivery(self.seq, None, self.payload)
 
 
 @dataclass(slots=True)
@@ -95,7 +87,7 @@ class Receiver:
     expect: int = 0  # next in-order seq (valid while STREAMING)
     applied_upto: int = 0  # last seq the adapter applied
     deliveries: deque[Delivery] = field(default_factory=deque)
-    _buffer: dict[int, tuple[int, Delivery]] = field(default_factory=dict)  # seq: (records, compacted)
+    _buffer: dict[int, tuple[int, Delivery]] = field(default_factory=dict)  # seq: (records, delivery)
     _peer_high: int = 0
     _gap_since: float | None = None
     _ack_due: float | None = None
@@ -133,20 +125,19 @@ class Receiver:
 
     # ---- the stream --------------------------------------------------------------------------
 
-    def data(self, seq_wire: int, sync_point: bool, records: tuple[Record, ...], now: float,
-             payload: bytes = b"") -> None:
-        """A DATA datagram: its decoded records, and their bytes (what it keeps if it waits)."""
+    def data(self, seq_wire: int, sync_point: bool, records: int, payload: bytes, now: float) -> None:
+        """A DATA datagram: how many records it holds, and their bytes."""
         c = self.counters
         if self.phase is Phase.WAITING:
             s = extend_seq(seq_wire, 1)
             if sync_point and s >= 1:
-                self._jump(Delivery(s, records, payload), len(records), now)
+                self._jump(Delivery(s, payload), records, now)
             elif s in self._buffer:
                 c.duplicates += 1
             elif len(self._buffer) >= self.config.reorder_capacity:
                 c.reorder_full += 1
             else:
-                self._buffer[s] = (len(records), Delivery(s, records, payload).compact())
+                self._buffer[s] = (records, Delivery(s, payload))
                 if self._gap_since is None:
                     self._gap_since = now
             return
@@ -156,17 +147,17 @@ class Receiver:
             self._ack_due = now  # our ack may have been lost: repeat it now
             return
         if s == self.expect:
-            self._deliver(Delivery(s, records, payload), len(records))
+            self._deliver(Delivery(s, payload), records)
             self._drain(now)
         elif sync_point:
-            self._jump(Delivery(s, records, payload), len(records), now)
+            self._jump(Delivery(s, payload), records, now)
         elif s in self._buffer:
             c.duplicates += 1
             return
         elif len(self._buffer) >= self.config.reorder_capacity:
             c.reorder_full += 1
         else:
-            self._buffer[s] = (len(records), Delivery(s, records, payload).compact())
+            self._buffer[s] = (records, Delivery(s, payload))
             if self._gap_since is None:
                 self._gap_since = now
             if s > self._nacked_upto:

@@ -37,8 +37,10 @@ from invictusd.sync.wire import (
     RequestReason,
     ResyncRequest,
     WireError,
-    decode_datagram,
+    decode_payload,
     encode_datagram,
+    open_datagram,
+    validate_records,
 )
 
 RETIRED_EPOCHS = 64
@@ -233,7 +235,13 @@ class SyncSession:
         self._now = now
         c = self.counters
         try:
-            dg = decode_datagram(data, self._key)
+            h = open_datagram(data, self._key)
+            end = len(data) - wire.MAC_LEN
+            if h.type is DatagramType.DATA:
+                records: tuple[Record, ...] = ()
+                count = validate_records(data, wire.HEADER_LEN, end, h.type)
+            else:
+                records = tuple(decode_payload(data, wire.HEADER_LEN, end, h.type))
         except AuthError:
             c.drop_auth += 1
             return
@@ -243,7 +251,6 @@ class SyncSession:
         if not self._link_up:
             c.drop_link_down += 1
             return
-        h = dg.header
         if h.sender_epoch == self.epoch:
             c.drop_reflected += 1
             return
@@ -288,14 +295,14 @@ class SyncSession:
                 return
         self.sender.acked(h.ack, now)
         if t is DatagramType.DATA:
-            self.receiver.data(h.seq, bool(h.flags & FLAG_SYNC_POINT), dg.records, now,
-                               bytes(data[wire.HEADER_LEN : len(data) - wire.MAC_LEN]))
+            self.receiver.data(h.seq, bool(h.flags & FLAG_SYNC_POINT), count,
+                               bytes(data[wire.HEADER_LEN : end]), now)
             return
         self.receiver.peer_high(h.seq, now)
         if t is DatagramType.NACK:
-            self.sender.nacked(dg.records, now, self._out)
+            self.sender.nacked(records, now, self._out)
         elif t is DatagramType.RESYNC_REQUEST:
-            for rec in dg.records:
+            for rec in records:
                 if isinstance(rec, ResyncRequest):
                     self._on_request(rec, now)
 

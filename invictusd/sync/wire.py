@@ -503,8 +503,11 @@ def decode_header(data: bytes) -> Header:
     return Header(t, node, se, re_, seq, ack, flags)
 
 
-def decode_datagram(data: bytes, key: bytes) -> Datagram:
-    """Check length, magic, version and MAC, then parse. Raises WireError/AuthError only."""
+def open_datagram(data: bytes, key: bytes) -> Header:
+    """Check length, magic, version and MAC; the header. Raises WireError/AuthError only.
+
+    The records are left to ``decode_records_at``/``validate_records`` (a DATA datagram's
+    records go to the kernel straight from their bytes, ``invictusd.io.transcode``)."""
     n = len(data)
     if n < MIN_DATAGRAM:
         raise WireError("length", 0, f"{n} bytes, minimum {MIN_DATAGRAM}")
@@ -516,14 +519,55 @@ def decode_datagram(data: bytes, key: bytes) -> Datagram:
     mac = hmac.digest(key, memoryview(data)[:end], "sha256")[:MAC_LEN]
     if not hmac.compare_digest(mac, data[end:]):
         raise AuthError("mac", end, "MAC mismatch")
-    header = decode_header(data)
-    records = _decode_records(bytes(data), HEADER_LEN, end, ALLOWED_RECORDS[header.type])
+    return decode_header(data)
+
+
+def decode_datagram(data: bytes, key: bytes) -> Datagram:
+    """Check length, magic, version and MAC, then parse. Raises WireError/AuthError only."""
+    header = open_datagram(data, key)
+    records = _decode_records(bytes(data), HEADER_LEN, len(data) - MAC_LEN, ALLOWED_RECORDS[header.type])
     return Datagram(header, tuple(records))
 
 
 def decode_records(data: bytes) -> list[Record]:
     """The records of a DATA payload (no header, no MAC), e.g. what a transcoder produced."""
     return _decode_records(data, 0, len(data), _DATA_RECORDS)
+
+
+def decode_record_at(data: bytes, off: int) -> tuple[Record, int]:
+    """The one record of a DATA payload at ``off``, and the offset after it."""
+    out: list[Record] = []
+    nxt = _decode_into(data, off, len(data), _DATA_RECORDS, out, 1)
+    if not out:
+        raise WireError("record", off, "no record here")
+    return out[0], nxt
+
+
+def decode_payload(data: bytes, off: int, end: int, dtype: DatagramType) -> list[Record]:
+    """The records of a ``dtype`` datagram's ``data[off:end]`` (after ``open_datagram``)."""
+    return _decode_records(data, off, end, ALLOWED_RECORDS[dtype])
+
+
+def validate_records(data: bytes, off: int, end: int, dtype: DatagramType) -> int:
+    """How many records of a ``dtype`` datagram ``data[off:end]`` holds, checked exactly as
+    decoding checks them (the same ``WireError`` for the same bytes) without building them:
+    the fixed-size layouts by a table of the first byte, the rest by the decoder itself."""
+    allowed = ALLOWED_RECORDS[dtype]
+    table = _sizes(allowed)
+    check_last = _CHECK_LAST
+    count = 0
+    scratch: list[Record] = []
+    while off < end:
+        b0 = data[off]
+        size = table[b0]
+        nxt = off + size
+        if size and nxt <= end and (not check_last[b0] or data[nxt - 1]):
+            off = nxt
+        else:
+            off = _decode_into(data, off, end, allowed, scratch, 1)
+            scratch.clear()
+        count += 1
+    return count
 
 
 def _truncated(name: str, off: int) -> WireError:
@@ -543,11 +587,20 @@ _R_NEW, _R_UPSERT, _R_DELETE = 1, 2, 3
 
 def _decode_records(data: bytes, off: int, end: int, allowed: frozenset[int]) -> list[Record]:
     out: list[Record] = []
+    _decode_into(data, off, end, allowed, out, -1)
+    return out
+
+
+def _decode_into(data: bytes, off: int, end: int, allowed: frozenset[int], out: list[Record],
+                 limit: int) -> int:
+    """Decode records into ``out`` until ``end`` or ``limit`` of them (-1: no limit);
+    returns the offset after the last one."""
     append = out.append
     plain = _PLAIN
     icmps = _ICMPS
     new = _new
-    while off < end:
+    while off < end and limit:
+        limit -= 1
         b0 = data[off]
         rt = b0 >> 4
         fl = b0 & 0xF
@@ -602,7 +655,7 @@ def _decode_records(data: bytes, off: int, end: int, allowed: frozenset[int]) ->
                 raise _truncated(RecordType(rt).name, off)
             append(cls(*fs.unpack_from(data, off)[1:]))
             off += fs.size
-    return out
+    return off
 
 
 _Fixed = ResyncBegin | ResyncEnd | Digest | NackRange | ResyncRequest
@@ -613,6 +666,32 @@ _FIXED: dict[int, tuple[struct.Struct, type[_Fixed]]] = {
     RecordType.NACK_RANGE: (_NACK, NackRange),
     RecordType.RESYNC_REQUEST: (_REQUEST, ResyncRequest),
 }
+
+
+# validate_records: the size of each fixed-size record by its first byte (0: the decoder
+# decides), and whether its last byte is a tcp_state that must not be 0.
+_CHECK_LAST = bytes(
+    1 if b >> 4 in (_R_NEW, _R_UPSERT) and (b & 0xF) in _PLAIN and b & RF_PROTOINFO else 0 for b in range(256)
+)
+_SIZE_TABLES: dict[frozenset[int], tuple[int, ...]] = {}
+
+
+def _sizes(allowed: frozenset[int]) -> tuple[int, ...]:
+    table = _SIZE_TABLES.get(allowed)
+    if table is None:
+        sizes = [0] * 256
+        for b in range(256):
+            rt, fl = b >> 4, b & 0xF
+            if rt not in allowed:
+                continue
+            if rt in (_R_NEW, _R_UPSERT) and fl in _PLAIN:
+                sizes[b] = _PLAIN[fl][0].size
+            elif rt == _R_DELETE and not fl & ~_DELETE_FLAGS and not fl & RF_ZONE:
+                sizes[b] = (_DEL6 if fl & RF_V6 else _DEL4).size
+            elif rt in _FIXED and not fl:
+                sizes[b] = _FIXED[rt][0].size
+        table = _SIZE_TABLES[allowed] = tuple(sizes)
+    return table
 
 
 def _decode_entry(data: bytes, off: int, end: int, is_new: bool, fl: int, out: list[Record]) -> int:

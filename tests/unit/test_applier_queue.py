@@ -1,66 +1,195 @@
-"""The applier's queue: deliveries that wait are held as bytes, not as decoded records."""
+"""The applier's queue and batching: deliveries wait as bytes, requests go in large batches.
+
+The kernel side of the same code runs in the namespace tests (``test_transcode_kernel``,
+``test_replication*``); here a recording injector stands in for the netlink socket so that
+the batching, the accounting and the ordering against stream-control records are exact.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno as E
 import tracemalloc
 from typing import Any
 
-from invictusd.applier import DELIVERIES_PER_RUN, Applier
+import pytest
+
+from invictusd.applier import BATCH, DELIVERIES_PER_RUN, Applier
 from invictusd.flows import IPPROTO_TCP
+from invictusd.io.transcode import EventTranscoder
 from invictusd.sync import wire
+from invictusd.sync.policy import ReplicaMarks, Scope
 from invictusd.sync.receiver import Delivery
 
 SERVER = bytes([10, 20, 0, 100])
+MARKS = ReplicaMarks()
 
 
-def _deliveries(n: int) -> list[Delivery]:
-    out = []
-    for seq in range(1, n + 1):
-        records: list[wire.Record] = [
-            wire.Delete(4, IPPROTO_TCP, bytes([10, 10, seq & 255, i]), SERVER, 1024 + i, 9001, 0)
-            for i in range(90)]
-        payload = b"".join(wire.encode_record(r) for r in records)
-        out.append(Delivery(seq, tuple(wire.decode_records(payload)), payload))
-    return out
+def _deletes(seq: int, n: int = 90) -> list[wire.Record]:
+    return [wire.Delete(4, IPPROTO_TCP, bytes([10, 10, seq & 255, i]), SERVER, 1024 + i, 9001, 0)
+            for i in range(n)]
 
 
-def _applier() -> Applier:
-    unused: Any = None  # feed() touches none of the collaborators
-    return Applier(unused, unused, unused, unused, unused, replica_timeout=600, capacity=1 << 20,
-                   master=lambda: False, progress=lambda: None, log=unused)
+def _entry(i: int, new: bool = True, mark: int = 1 << 30) -> wire.Entry:
+    a = bytes([10, 10, i >> 8 & 255, i & 255])
+    return wire.Entry(new, 4, IPPROTO_TCP, a, SERVER, 1024 + i % 60000, 443, 0, SERVER, a, 443,
+                      1024 + i % 60000, 0, 6, 600, mark, 3)
 
 
-def test_what_the_next_run_will_not_reach_waits_as_bytes() -> None:
-    a = _applier()
-    batch = _deliveries(3 * DELIVERIES_PER_RUN)
-    a.feed(batch)
-    queued = list(a._queue)
-    assert [d.seq for d in queued] == [d.seq for d in batch]
-    assert all(d.decoded is not None for d in queued[:DELIVERIES_PER_RUN])
-    assert all(d.decoded is None for d in queued[DELIVERIES_PER_RUN:])
-    assert all(q.records == d.records for q, d in zip(queued, batch, strict=True))
+def _delivery(seq: int, records: list[wire.Record]) -> Delivery:
+    return Delivery(seq, b"".join(wire.encode_record(r) for r in records))
 
 
-def test_while_a_scan_blocks_everything_waits_as_bytes() -> None:
-    a = _applier()
-    a._blocking = object()  # type: ignore[assignment]
-    a.feed(_deliveries(4))
-    assert all(d.decoded is None for d in a._queue)
+class RecordingInjector:
+    """Answers like the kernel would for a table: create of a present entry EEXIST, update
+    or delete of a missing one ENOENT (keyed by the request's original tuple bytes)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.table: set[bytes] = set()
+        self._seq = 1000
+
+    def next_seqs(self, count: int) -> int:
+        base = self._seq
+        self._seq += count
+        return base
+
+    def run(self, msgs: list[bytes], base: int) -> dict[int, int]:
+        self.batches.append(len(msgs))
+        failures = {}
+        for i, m in enumerate(msgs):
+            assert int.from_bytes(m[8:12], "little") == base + i  # seq = base + index
+            mtype = int.from_bytes(m[4:6], "little") & 0xFF
+            flags = int.from_bytes(m[6:8], "little")
+            key = m[24:64]  # the original tuple's bytes
+            if mtype == 2:  # delete
+                if key in self.table:
+                    self.table.discard(key)
+                else:
+                    failures[i] = E.ENOENT
+            elif flags & 0x400:  # NLM_F_CREATE
+                if key in self.table:
+                    failures[i] = E.EEXIST
+                else:
+                    self.table.add(key)
+            elif key not in self.table:
+                failures[i] = E.ENOENT
+        return failures
 
 
-def test_a_queue_of_bytes_is_an_order_of_magnitude_smaller() -> None:
-    """~1.3 KB a datagram as bytes against ~20 KB decoded: what a backup behind its master
-    holds (up to apply_slack + window = 1536 datagrams) stays a few MB instead of ~35 MB."""
+class Session:
+    def __init__(self) -> None:
+        self.applied_upto = 0
+
+    def applied(self, seq: int, now: float) -> None:
+        self.applied_upto = seq
+
+
+def _applier(injector: Any = None, capacity: int = 1 << 20) -> Applier:
+    unused: Any = None
+    return Applier(Session(), injector or RecordingInjector(), MARKS,  # type: ignore[arg-type]
+                   Scope(30, frozenset({0}), frozenset({4, 6})), EventTranscoder(30, 0),
+                   replica_timeout=600, capacity=capacity, master=lambda: False,
+                   progress=lambda: None, log=unused)
+
+
+def _run(a: Applier) -> None:
+    async def go() -> None:
+        a.run()
+        while a.queued:
+            await asyncio.sleep(0)
+            a.run()
+
+    asyncio.run(go())
+
+
+def test_a_delivery_is_its_bytes_and_decodes_on_demand() -> None:
+    recs = [*_deletes(1, 5), _entry(7)]
+    d = _delivery(1, recs)
+    assert d.records == tuple(recs)
+    assert not hasattr(d, "__dict__")  # slots: nothing else is held
+
+
+def test_the_queue_holds_about_its_bytes() -> None:
+    """What a backup behind its master holds (up to apply_slack + window = 1536 datagrams)
+    is their bytes, a few MB, never the ~15 times larger decoded records."""
     tracemalloc.start()
     try:
         t0 = tracemalloc.get_traced_memory()[0]
-        batch = _deliveries(200)  # payload bytes and their decoded records
-        t1 = tracemalloc.get_traced_memory()[0]
-        compact = [d.compact() for d in batch]
-        del batch
-        t2 = tracemalloc.get_traced_memory()[0]
+        a = _applier()
+        a.feed([_delivery(seq, _deletes(seq)) for seq in range(1, 201)])
+        held = tracemalloc.get_traced_memory()[0] - t0
     finally:
         tracemalloc.stop()
-    assert len(compact) == 200
-    as_bytes, as_decoded = t2 - t0, t1 - t0
-    assert as_bytes * 10 < as_decoded, (as_bytes, as_decoded)
+    payload = 200 * 90 * 14
+    assert a.queued == 200
+    assert held < 1.5 * payload, (held, payload)
+
+
+def test_requests_are_injected_in_batches_across_deliveries() -> None:
+    inj = RecordingInjector()
+    a = _applier(inj)
+    n = 3 * DELIVERIES_PER_RUN
+    a.feed([_delivery(seq, [_entry(seq * 40 + i) for i in range(40)]) for seq in range(1, n + 1)])
+    _run(a)
+    assert a.counters.created == 40 * n and not a.counters.failures
+    assert a.replica_entries == 40 * n
+    assert max(inj.batches) >= BATCH and len(inj.batches) < n  # not one send per datagram
+    assert a.session.applied_upto == n  # type: ignore[attr-defined]
+
+
+def test_control_records_see_everything_before_them_in_the_kernel() -> None:
+    """A DIGEST (a scan of the kernel) only starts once the requests before it are in."""
+    inj = RecordingInjector()
+    a = _applier(inj)
+    seen: list[int] = []
+    a._check_digest = lambda rec: seen.append(len(inj.table))  # type: ignore[method-assign]
+    a.feed([_delivery(1, [_entry(i) for i in range(30)]),
+            _delivery(2, [_entry(100 + i) for i in range(5)] + [wire.Digest(35, 0)] + [_entry(200)])])
+    _run(a)
+    assert seen == [35]
+    assert len(inj.table) == 36
+
+
+def test_failures_are_retried_in_the_other_form_and_counted() -> None:
+    inj = RecordingInjector()
+    a = _applier(inj)
+    # An UPSERT of an entry we do not hold (update first: ENOENT, then created), a NEW of one
+    # we hold (EEXIST, then updated), a DELETE of one we never had (counted as missing).
+    a.feed([_delivery(1, [_entry(1)])])
+    _run(a)
+    a.feed([_delivery(2, [_entry(2, new=False), _entry(1, new=True),
+                          wire.Delete(4, IPPROTO_TCP, bytes([10, 10, 9, 9]), SERVER, 1, 2, 0)])])
+    _run(a)
+    c = a.counters
+    assert (c.created, c.updated, c.delete_missing, c.retried) == (2, 1, 1, 2)
+    assert not c.failures and a.replica_entries == 2
+
+
+def test_a_later_record_of_the_same_entry_is_not_overtaken_by_a_retry() -> None:
+    inj = RecordingInjector()
+    a = _applier(inj)
+    a.feed([_delivery(1, [_entry(1)])])
+    _run(a)
+    # NEW (EEXIST) then DELETE of the same entry in one batch: no retry of the NEW after it.
+    a.feed([_delivery(2, [_entry(1, new=True), wire.Delete(*_entry(1)[1:8])])])
+    _run(a)
+    assert a.counters.retried == 0 and a.counters.deleted == 1 and not inj.table
+
+
+def test_the_replica_cap_holds_within_a_batch() -> None:
+    a = _applier(capacity=50)
+    a.feed([_delivery(seq, [_entry(seq * 40 + i) for i in range(40)]) for seq in range(1, 4)])
+    _run(a)
+    assert a.replica_entries == 50 and a.counters.over_capacity == 70
+
+
+@pytest.mark.parametrize("mark", [0, 1 << 29])
+def test_entries_outside_the_scope_are_refused_not_built(mark: int) -> None:
+    inj = RecordingInjector()
+    log: Any = type("L", (), {"warning": lambda *a, **k: None})()
+    a = _applier(inj)
+    a.log = log
+    a.feed([_delivery(1, [_entry(1, mark=mark), _entry(2)])])
+    _run(a)
+    assert len(inj.table) == 1 and sum(a.counters.refused.values()) == 1

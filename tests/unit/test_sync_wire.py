@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -350,3 +351,43 @@ def test_authentic_mutated_records_decode_cleanly(records: list[Record], data: s
         assert 0 <= e.offset <= len(sealed_data)
         return
     assert encode_datagram(dg.header, dg.records, KEY, mtu=None) == sealed_data
+
+
+# --- validate_records: the decoder's verdict without building records --------------------------
+def _verdict(fn: Any) -> tuple[str, int, str] | Any:
+    try:
+        return fn()
+    except WireError as e:
+        return ("error", e.offset, str(e))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(data_records(), max_size=12), st.data(), st.sampled_from(list(DatagramType)))
+def test_validate_records_agrees_with_the_decoder(records: list[Record], data: st.DataObject,
+                                                  dtype: DatagramType) -> None:
+    payload = bytearray(b"".join(wire.encode_record(r) for r in records))
+    for _ in range(data.draw(st.integers(0, 3))):  # flip, cut or extend: any bytes
+        if payload and data.draw(st.booleans()):
+            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+        elif payload and data.draw(st.booleans()):
+            del payload[data.draw(st.integers(0, len(payload) - 1)):]
+        else:
+            payload += data.draw(st.binary(max_size=8))
+    raw = bytes(payload)
+    want = _verdict(lambda: len(wire.decode_payload(raw, 0, len(raw), dtype)))
+    assert _verdict(lambda: wire.validate_records(raw, 0, len(raw), dtype)) == want
+
+
+@given(st.binary(max_size=300), st.sampled_from(list(DatagramType)))
+def test_validate_records_of_arbitrary_bytes(raw: bytes, dtype: DatagramType) -> None:
+    want = _verdict(lambda: len(wire.decode_payload(raw, 0, len(raw), dtype)))
+    assert _verdict(lambda: wire.validate_records(raw, 0, len(raw), dtype)) == want
+
+
+def test_decode_record_at_walks_a_payload() -> None:
+    recs: list[Record] = [ResyncBegin(3), wire.Delete(4, IPPROTO_TCP, bytes(4), bytes(4), 1, 2, 0)]
+    payload = b"".join(wire.encode_record(r) for r in recs)
+    first, nxt = wire.decode_record_at(payload, 0)
+    assert first == recs[0] and wire.decode_record_at(payload, nxt) == (recs[1], len(payload))
+    with pytest.raises(WireError, match="record"):
+        wire.decode_record_at(payload, len(payload))

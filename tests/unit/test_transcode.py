@@ -9,6 +9,7 @@ disagree with the generic walk.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from typing import Any
@@ -21,7 +22,7 @@ from invictusd import cbpf
 from invictusd import flows as F
 from invictusd.io import ctnetlink as ct
 from invictusd.io import transcode as T
-from invictusd.sync import wire
+from invictusd.sync import policy, wire
 from tests import cbpf_vm
 from tests.timeouts import no_hang
 from tests.unit.ct_event_vectors import EVENTS
@@ -460,3 +461,122 @@ def test_event_filter_mark_values(name: str, mark: int, pid: int) -> None:
         a += (alen + 3) & ~3
     m = bytes(msg)
     assert (cbpf_vm.run(T.event_filter(MARK_BIT, REPLICA, OWN), m) != 0) == _passes(m)
+
+
+# --- backup side, fused: build_records is build_entry/build_entry_delete of each record ---------
+def _reference(records: list[wire.Record], seq: int, how: T.Injection) -> tuple[list[bytes], list[int], int]:
+    """What the applier built per decoded record before the fused path: (requests, kinds,
+    UPSERT_NEW records dropped by the cap)."""
+    msgs: list[bytes] = []
+    kinds: list[int] = []
+    over = 0
+    left = how.room
+    sc = how.scope
+    for r in records:
+        if isinstance(r, wire.Delete):
+            if sc is None or (r.family in sc.families and r.zone in sc.zones):
+                msgs.append(T.build_entry_delete(r, seq + len(msgs)))
+                kinds.append(T.KIND_DELETE)
+            continue
+        assert isinstance(r, wire.Entry)
+        if sc is not None and not (r.family in sc.families and r.zone in sc.zones and r.rzone in sc.zones
+                                   and r.mark >> sc.mark_bit & 1):
+            continue
+        if left is not None:
+            full = left <= 0
+            if r.new and full:
+                over += 1
+                continue
+            create = r.new or (how.create_first and not full)
+            left -= create
+        else:
+            create = r.new or how.create_first
+        timeout = how.timeouts(r.proto, r.tcp_state, r.status) if how.timeouts else how.timeout or r.timeout
+        msgs.append(T.build_entry(r, seq + len(msgs), create=create, mark=r.mark & how.mark_and | how.mark_or,
+                                  timeout=timeout, with_status=how.with_status or create))
+        kinds.append(T.KIND_NEW if r.new else T.KIND_CREATE if create else T.KIND_UPDATE)
+    return msgs, kinds, over
+
+
+@st.composite
+def injections(draw: st.DrawFn) -> T.Injection:
+    mark_bit = draw(st.sampled_from([30, 0, 31]))
+    master = draw(st.booleans())
+    marks = policy.ReplicaMarks(mark_bit=mark_bit, replica_bit=29 if mark_bit != 29 else 28,
+                                generation_bit=27)
+    m_and, m_or = marks.own_masks() if master else marks.replica_masks(draw(st.integers(0, 1)))
+    scope = policy.Scope(mark_bit, draw(st.sampled_from([frozenset({0}), frozenset({0, 5}),
+                                                         frozenset({5, 7, 3, 9})])),
+                         draw(st.sampled_from([frozenset({4, 6}), frozenset({4}), frozenset({6})])))
+    remark = draw(st.booleans())  # a re-mark or hand-over of our own kernel's entries
+    timeouts = None
+    if draw(st.booleans()):
+        table = {"nf_conntrack_tcp_timeout_established": 7, "nf_conntrack_udp_timeout": 3}
+
+        def timeouts(proto: int, tcp: int, status: int) -> int:
+            return policy.handover_timeout(proto, tcp, status, table)
+
+    return T.Injection(m_and, m_or, 0 if master else draw(st.integers(1, 1 << 31)),
+                       None if master else draw(st.integers(-2, 6)), draw(st.booleans()),
+                       None if remark else scope, not remark, timeouts)
+
+
+@st.composite
+def stream_records(draw: st.DrawFn) -> wire.Record:
+    kind = draw(st.sampled_from(["entry", "entry", "plain", "plain", "delete", "control"]))
+    if kind == "control":
+        return draw(st.sampled_from([wire.ResyncBegin(7), wire.ResyncEnd(7, 3), wire.Digest(3, 99)]))
+    e = draw(entries(zones=kind != "plain"))
+    if kind == "plain":
+        e = e._replace(rsrc=e.dst, rdst=e.src, rsport=e.dport, rdport=e.sport) \
+            if e.proto not in (1, 58) else e
+        e = e._replace(mark=e.mark | draw(st.sampled_from([0, 1 << 30, 1, 1 << 31])))
+    if kind == "delete":
+        return wire.Delete(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+    return e
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(stream_records(), max_size=25), st.integers(0, 0xFFFFFFFF), injections())
+def test_build_records_is_the_per_record_builders(records: list[wire.Record], seq: int,
+                                                 how: T.Injection) -> None:
+    encodable = []
+    for r in records:
+        with contextlib.suppress(wire.EncodeError):
+            wire.encode_record(r)
+            encodable.append(r)
+    payload = b"".join(wire.encode_record(r) for r in encodable)
+    pos, upto = 0, 0
+    while True:
+        built = T.build_records(payload, pos, seq, how)
+        control = next((i for i in range(upto, len(encodable))
+                        if not isinstance(encodable[i], wire.Entry | wire.Delete)), len(encodable))
+        msgs, kinds, over = _reference(encodable[upto:control], seq, how)
+        assert built.msgs == msgs
+        assert list(built.kinds) == kinds
+        assert built.over_capacity == over
+        assert len(built.offsets) == len(msgs)
+        for off in built.offsets + built.refused:
+            rec, _ = wire.decode_record_at(payload, off)
+            assert isinstance(rec, wire.Entry | wire.Delete)
+        assert len(built.refused) + len(msgs) + over == control - upto
+        if control == len(encodable):
+            assert built.control is None and built.end == len(payload)
+            break
+        assert built.control == encodable[control]
+        pos, upto = built.end, control + 1
+
+
+def test_build_records_plain_tcp_is_pinned() -> None:
+    """The fused path's bytes for a plain TCP entry: those of build_entry (create and update)."""
+    a, b = bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])
+    e = wire.Entry(True, 4, 6, a, b, 40000, 443, 0, b, a, 443, 40000, 0, 0xE, 300, 1 << 30, 3)
+    u = e._replace(new=False)
+    marks = policy.ReplicaMarks()
+    scope = policy.Scope(30, frozenset({0}), frozenset({4}))
+    how = T.Injection(*marks.replica_masks(1), 86400, 10, False, scope)
+    built = T.build_records(wire.encode_entry(e) + wire.encode_entry(u), 0, 77, how)
+    mark = marks.replica_mark(e.mark, 1)
+    assert built.msgs == [T.build_entry(e, 77, create=True, mark=mark, timeout=86400),
+                          T.build_entry(u, 78, create=False, mark=mark, timeout=86400)]
+    assert list(built.kinds) == [T.KIND_NEW, T.KIND_UPDATE] and built.offsets == [0, 25]
