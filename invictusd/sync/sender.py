@@ -62,7 +62,7 @@ class InFlight:
 class SenderConfig:
     mtu: int = wire.DEFAULT_MTU
     flush_delay: float = 0.0  # a partly filled datagram waits at most this long
-    resend_timeout: float = 0.1  # first resend of an unacked datagram (then doubles)
+    resend_timeout: float = 0.1  # the least resend timeout (above it: srtt + 4 rttvar; doubles per resend)
     max_resend_timeout: float = 2.0
     resend_burst: int = 32  # datagrams resent per timeout
     window: int = 512  # datagrams in flight
@@ -107,6 +107,7 @@ class Sender:
     resync_wanted: str = ""  # a reason: the adapter should start a resync (dump) when it can
     rto: float = 0.1
     srtt: float | None = None
+    rttvar: float = 0.0
     end_seq: int = 0  # the datagram that carried our last RESYNC_END (0: none yet)
     acked_seq: int = 0
     _builder: DatagramBuilder = field(init=False)
@@ -219,11 +220,29 @@ class Sender:
         last: InFlight | None = None
         while inflight and inflight[0].seq <= ack:
             last = inflight.popleft()
-        if last is not None:
-            if last.first_sent == last.last_sent:  # never resent: a clean RTT sample
-                sample = now - last.first_sent
-                self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
-            self.rto = self.config.resend_timeout
+        if last is not None and last.first_sent == last.last_sent:
+            # Never resent: a clean RTT sample. An ack of a resent datagram teaches nothing
+            # and keeps the backed-off timeout (Karn) until a clean sample comes.
+            self._rtt_sample(now - last.first_sent)
+            self.rto = self.base_rto
+
+    def _rtt_sample(self, sample: float) -> None:
+        """RFC 6298's estimator. The "RTT" includes how long the peer holds its acks while
+        it applies (at most apply_slack datagrams ahead): a fixed timeout shorter than
+        that resent a third of a burst's datagrams as duplicates, for nothing."""
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
+
+    @property
+    def base_rto(self) -> float:
+        """srtt + 4 rttvar, between ``resend_timeout`` and ``max_resend_timeout``."""
+        cfg = self.config
+        if self.srtt is None:
+            return cfg.resend_timeout
+        return min(max(self.srtt + 4 * self.rttvar, cfg.resend_timeout), cfg.max_resend_timeout)
 
     def nacked(self, records: Iterable[Record], now: float, out: list[bytes]) -> None:
         inflight = self.inflight
@@ -280,7 +299,7 @@ class Sender:
             self.rto = min(rto * 2, self.config.max_resend_timeout)
 
     def link_up(self, now: float) -> None:
-        self.rto = self.config.resend_timeout
+        self.rto = self.base_rto
         for entry in self.inflight:
             entry.last_sent = now - self.rto  # due: the timer resends a burst at once
 
@@ -322,6 +341,7 @@ class Sender:
         self._builder.clear()
         self._pending.clear()
         self._flush_at = None
+        self.srtt, self.rttvar = None, 0.0  # a new stream, perhaps a new peer
         self.rto = self.config.resend_timeout
 
     def _to_backlog(self, records: Sequence[bytes], keys: Sequence[bytes]) -> None:
