@@ -75,13 +75,15 @@ class _Pending:
         self.kinds += built.kinds
         self.creates += len(built.kinds) - built.kinds.count(KIND_DELETE) - built.kinds.count(KIND_UPDATE)
 
-    def records(self) -> list[Entry | Delete]:
-        out: list[Entry | Delete] = []
-        for payload, off in zip(self.payloads, self.offsets, strict=True):
-            rec = wire.decode_record_at(payload, off)[0]
-            assert isinstance(rec, Entry | Delete)
-            out.append(rec)
-        return out
+    def record(self, i: int) -> Entry:
+        rec = wire.decode_record_at(self.payloads[i], self.offsets[i])[0]
+        assert isinstance(rec, Entry)
+        return rec
+
+    def last_of_each_entry(self) -> dict[bytes, int]:
+        """Entry (``wire.record_ident``) -> the index of the last request naming it."""
+        ident = wire.record_ident
+        return {ident(p, o): i for i, (p, o) in enumerate(zip(self.payloads, self.offsets, strict=True))}
 
 
 @dataclass(slots=True)
@@ -292,8 +294,7 @@ class Applier:
         c = self.counters
         master = p.master
         retry: list[tuple[Entry, int]] = []
-        recs: list[Entry | Delete] | None = None  # decoded only if a retry needs them
-        last: dict[tuple[object, ...], int] = {}  # entry -> its last index in the batch
+        last: dict[bytes, int] | None = None  # entry -> its last index in the batch, if needed
         # UPSERTs sent as update / as create, and how many of each found the kernel otherwise.
         updates = creates_sent = missing = existing = 0
         for i, kind in enumerate(p.kinds):
@@ -324,13 +325,10 @@ class Applier:
             elif err in (E.EEXIST, E.ENOENT, E.EBUSY):
                 # Not if a later record of the batch names the same entry: a retry would
                 # apply an older state after a newer one.
-                if recs is None:
-                    recs = p.records()
-                    last = {_ident(r): j for j, r in enumerate(recs)}
-                rec = recs[i]
-                assert isinstance(rec, Entry)
-                if last[_ident(rec)] == i:
-                    retry.append((rec, err))
+                if last is None:
+                    last = p.last_of_each_entry()
+                if last[wire.record_ident(p.payloads[i], p.offsets[i])] == i:
+                    retry.append((p.record(i), err))
             else:
                 self._failed(err)
         if 2 * missing > updates > 0:
@@ -511,8 +509,3 @@ class Applier:
             self.replica_entries = acc[0]
 
         self._scan("count", self.marks.filter_replica(), on_batch, done)
-
-
-def _ident(r: Entry | Delete) -> tuple[object, ...]:
-    """The entry a record names (its original tuple and zone)."""
-    return (r.family, r.proto, r.src, r.dst, r.sport, r.dport, r.zone)

@@ -548,6 +548,17 @@ def decode_payload(data: bytes, off: int, end: int, dtype: DatagramType) -> list
     return _decode_records(data, off, end, ALLOWED_RECORDS[dtype])
 
 
+def record_ident(data: bytes, off: int) -> bytes:
+    """The entry that the (checked) entry or DELETE record at ``off`` names: its original
+    tuple and zone, as bytes equal for every record of the same entry, whatever its kind
+    (both kinds start with the type byte, the protocol, the tuple, then the zone if any)."""
+    b0 = data[off]
+    end = off + (38 if b0 & RF_V6 else 14)
+    if b0 & RF_ZONE and data[end : end + 2] != b"\0\0":
+        end += 2
+    return data[off + 1 : end]
+
+
 def validate_records(data: bytes, off: int, end: int, dtype: DatagramType) -> int:
     """How many records of a ``dtype`` datagram ``data[off:end]`` holds, checked exactly as
     decoding checks them (the same ``WireError`` for the same bytes) without building them:

@@ -391,3 +391,24 @@ def test_decode_record_at_walks_a_payload() -> None:
     assert first == recs[0] and wire.decode_record_at(payload, nxt) == (recs[1], len(payload))
     with pytest.raises(WireError, match="record"):
         wire.decode_record_at(payload, len(payload))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(data_records(), min_size=2, max_size=6))
+def test_record_ident_names_the_entry_whatever_the_record_kind(records: list[Record]) -> None:
+    named = [r for r in records if isinstance(r, Entry | wire.Delete)]
+    payload = b"".join(wire.encode_record(r) for r in named)
+    offs, off = [], 0
+    for r in named:
+        offs.append(off)
+        off += len(wire.encode_record(r))
+    for a, oa in zip(named, offs, strict=True):
+        for b, ob in zip(named, offs, strict=True):
+            same = wire.entry_key(a) == wire.entry_key(b)
+            assert (wire.record_ident(payload, oa) == wire.record_ident(payload, ob)) == same
+    # the same entry as an UPSERT, an UPSERT_NEW and a DELETE (a zone of its own or not)
+    for r in named:
+        if isinstance(r, Entry):
+            d = wire.Delete(r.family, r.proto, r.src, r.dst, r.sport, r.dport, r.zone)
+            both = wire.encode_record(r) + wire.encode_record(d)
+            assert wire.record_ident(both, 0) == wire.record_ident(both, len(wire.encode_record(r)))
