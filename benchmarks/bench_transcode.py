@@ -7,7 +7,8 @@ rewritten per event so that every record differs). Prints a table of medians.
 Master side, per event of a realistic mix (plain and SNAT TCP with NEW/UPDATE/DESTROY, UDP,
 ICMP, IPv6), against today's path ``ctnetlink.parse_messages`` + ``wire.encode_entry(
 wire.entry_from_flow(...))``. Backup side, messages built per second against
-``ctnetlink.build_create(wire.flow_from_entry(...))``.
+``ctnetlink.build_create(wire.flow_from_entry(...))``, and ``build_records`` (wire bytes
+straight into requests) against decoding the records and building each.
 """
 
 from __future__ import annotations
@@ -210,6 +211,20 @@ def bench_build(n: int, repeat: int) -> list[tuple[str, float, float]]:
                  median_rate(lambda: ref(True), n, repeat)))
     rows.append(("build: update form, mixed entries", median_rate(lambda: fast(False), n, repeat),
                  median_rate(lambda: ref(False), n, repeat)))
+    # The backup's path since the fused builder: the wire records' bytes straight into the
+    # requests (plain entries by one unpack and one pack, the rest decoded and templated),
+    # against decoding each record and building it.
+    payload = b"".join(wire.encode_entry(e) for e in entries)
+    how = T.Injection(~0x30000000 & 0xFFFFFFFF, mark, timeout, None, True, None)
+
+    def decoded_then_built() -> None:
+        for i, e in enumerate(wire.decode_records(payload)):
+            assert isinstance(e, wire.Entry)
+            build(e, i, create=True, mark=e.mark & how.mark_and | how.mark_or, timeout=timeout)
+
+    rows.append(("build: from wire bytes (build_records)",
+                 median_rate(lambda: T.build_records(payload, 0, 0, how), n, repeat),
+                 median_rate(decoded_then_built, n, repeat)))
     zoned = [e._replace(zone=5, rzone=5) for e in entries[: n // 4]]
 
     def general() -> None:

@@ -905,28 +905,53 @@ class Built(NamedTuple):
     control: wire.Record | None
 
 
-class _Form(NamedTuple):
-    """One request layout of the fused path: a plain TCP/UDP entry's create or update."""
-
-    pack: Callable[..., bytes]
-    size: int  # nlmsghdr + nfgenmsg + body, without the tcp protoinfo
-    flags: int
-
-
-def _forms(v6: bool, with_status: bool) -> tuple[_Form, _Form]:
-    """(update, create) forms, indexed by ``create``; a create always carries the status."""
-    update, create = _BODY_PORTS[v6, False, with_status], _BODY_PORTS[v6, True, True]
-    return (_Form(update.pack, 20 + update.size, _FLAGS_UPDATE_NOACK),
-            _Form(create.pack, 20 + create.size, _FLAGS_CREATE_NOACK))
-
-
-_FORMS = {(v6, ws): _forms(v6, ws) for v6 in (False, True) for ws in (False, True)}
 _PLAIN_REC = {  # flag nibble of a plain entry record -> (wire struct, v6, tcp_state present)
     0: (wire._E4, False, False),
     _RF_PI: (wire._E4P, False, True),
     _RF_V6: (wire._E6, True, False),
     _RF_V6 | _RF_PI: (wire._E6P, True, True),
 }
+
+
+class _Plan(NamedTuple):
+    """Everything the fused path needs for one flag nibble of a plain entry record, so that
+    a record costs one tuple unpack of constants: the wire layout, the tuple attribute
+    headers, and the update and create request layouts."""
+
+    unpack: Callable[[bytes, int], tuple[Any, ...]]
+    size: int
+    has_tcp: bool
+    v6: bool
+    orig: int
+    reply: int
+    h0: int
+    h1: int
+    h2: int
+    h3: int
+    h4: int
+    h5: int
+    h6: int
+    update: Callable[..., bytes]
+    update_size: int  # nlmsghdr + nfgenmsg + body, without the tcp protoinfo
+    create: Callable[..., bytes]
+    create_size: int
+    af: int
+
+
+def _plans(with_status: bool) -> dict[int, _Plan]:
+    out = {}
+    for fl, (st, v6, has_tcp) in _PLAIN_REC.items():
+        shape = _PORTS[v6]
+        # a create always carries the status; an update only ``with_status``
+        update, create = _BODY_PORTS[v6, False, with_status], _BODY_PORTS[v6, True, True]
+        h = shape.hdrs
+        out[fl] = _Plan(st.unpack_from, st.size, has_tcp, v6, shape.orig, shape.reply,
+                        h[0], h[1], h[2], h[3], h[4], h[5], h[6],
+                        update.pack, 20 + update.size, create.pack, 20 + create.size, _AF[v6])
+    return out
+
+
+_PLANS = {ws: _plans(ws) for ws in (False, True)}
 _R_NEW: Final = wire.RecordType.UPSERT_NEW
 _R_UPSERT: Final = wire.RecordType.UPSERT
 _R_DELETE: Final = wire.RecordType.DELETE
@@ -961,10 +986,13 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
     else:
         families, zones, bit = scope.families, scope.zones, 1 << scope.mark_bit
         plain_ok = {False: 4 in families and 0 in zones, True: 6 in families and 0 in zones}
-    forms = {False: _FORMS[False, with_status], True: _FORMS[True, with_status]}
-    plain_rec, icmps, ports = _PLAIN_REC, _ICMPS, _PORTS
+    plans = _PLANS[with_status]
+    icmps, ports = _ICMPS, _PORTS
     mhdr = _MSGHDR.pack
     af = _AF
+    ct_new, flags_create, flags_update = ct.CT_NEW, _FLAGS_CREATE_NOACK, _FLAGS_UPDATE_NOACK
+    h_status, h_timeout, h_mark = _H_STATUS, _H_TIMEOUT, _H_MARK
+    status_sent, confirmed = _STATUS_SENT, _CONFIRMED
     tcp_cache: dict[int, bytes] = {}
     off, end = start, len(payload)
     seq &= 0xFFFFFFFF
@@ -972,16 +1000,18 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
         b0 = payload[off]
         rt, fl = b0 >> 4, b0 & 0xF
         if rt in (_R_NEW, _R_UPSERT):
-            p = plain_rec.get(fl)
-            if p is not None and payload[off + 1] not in icmps:
-                s, v6, has_tcp = p
+            plan = plans.get(fl)
+            if plan is not None and payload[off + 1] not in icmps:
+                (unpack, size, has_tcp, v6, orig, reply, h0, h1, h2, h3, h4, h5, h6,
+                 update, update_size, create_pack, create_size, family) = plan
                 if has_tcp:
-                    _, proto, src, dst, sp, dp, st, to, mk, tcp = s.unpack_from(payload, off)
+                    _, proto, src, dst, sp, dp, st, to, mk, tcp = unpack(payload, off)
                 else:
-                    _, proto, src, dst, sp, dp, st, to, mk = s.unpack_from(payload, off)
+                    _, proto, src, dst, sp, dp, st, to, mk = unpack(payload, off)
                     tcp = 0
-                here, off = off, off + s.size
-                if not (plain_ok[v6] and (mk & bit or not bit)):
+                here = off
+                off += size
+                if not plain_ok[v6] or (bit and not mk & bit):
                     refused.append(here)
                     continue
                 new = rt == _R_NEW
@@ -1006,28 +1036,30 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
                 else:
                     timeout = fixed_timeout or to or ct.DEFAULT_TIMEOUT
                 mark = mk & mark_and | mark_or
-                shape = ports[v6]
-                h0, h1, h2, h3, h4, h5, h6 = shape.hdrs[:7]
-                form = forms[v6][create]
                 if create:
-                    packed = form.pack(
-                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
-                        shape.reply, h0, h1, dst, h2, src, h3, h4, proto, h5, dp, h6, sp,
-                        _H_STATUS, st & _STATUS_SENT | _CONFIRMED, _H_TIMEOUT, timeout, _H_MARK, mark,
+                    packed = create_pack(
+                        orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                        reply, h0, h1, dst, h2, src, h3, h4, proto, h5, dp, h6, sp,
+                        h_status, st & status_sent | confirmed, h_timeout, timeout, h_mark, mark,
                     )  # fmt: skip
-                elif with_status:
-                    packed = form.pack(
-                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
-                        _H_STATUS, st & _STATUS_SENT | _CONFIRMED, _H_TIMEOUT, timeout, _H_MARK, mark,
-                    )  # fmt: skip
+                    mlen = create_size + len(ti)
+                    append(mhdr(mlen, ct_new, flags_create, seq, 0, family, 0, 0) + packed + ti)
+                    kind(KIND_NEW if new else KIND_CREATE)
                 else:
-                    packed = form.pack(
-                        shape.orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
-                        _H_TIMEOUT, timeout, _H_MARK, mark,
-                    )  # fmt: skip
-                append(mhdr(form.size + len(ti), ct.CT_NEW, form.flags, seq, 0, af[v6], 0, 0) + packed + ti)
+                    if with_status:
+                        packed = update(
+                            orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                            h_status, st & status_sent | confirmed, h_timeout, timeout, h_mark, mark,
+                        )  # fmt: skip
+                    else:
+                        packed = update(
+                            orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
+                            h_timeout, timeout, h_mark, mark,
+                        )  # fmt: skip
+                    mlen = update_size + len(ti)
+                    append(mhdr(mlen, ct_new, flags_update, seq, 0, family, 0, 0) + packed + ti)
+                    kind(KIND_UPDATE)
                 note(here)
-                kind(KIND_NEW if new else KIND_CREATE if create else KIND_UPDATE)
                 seq = (seq + 1) & 0xFFFFFFFF
                 continue
             rec, nxt = wire.decode_record_at(payload, off)
