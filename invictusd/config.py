@@ -124,6 +124,7 @@ class SyncConfig:
     flush_ms: float = 0.0
     resync_interval: float = 0.0  # 0 = only on start, overrun, gap or digest mismatch
     rcvbuf_mb: int = 64
+    rcvbuf_max_mb: int = 256  # an overrun doubles the event buffer up to this
     replica_bit: int = 29  # the mark bit of entries held for the peer (never announced)
     generation_bit: int = 28  # the mark bit of the resync that last refreshed a replica entry
     replica_timeout: int = 432_000  # seconds a replica entry lives without the master's word
@@ -603,7 +604,7 @@ def _password(r: _Reader, base: Path, warnings: list[str]) -> bytes:
 
 SYNC_KEYS = frozenset({
     "enabled", "interface", "peer_address", "mark_bit", "port", "key_file", "key_credential",
-    "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "replica_bit",
+    "install_mark_rule", "flush_ms", "resync_interval", "rcvbuf_mb", "rcvbuf_max_mb", "replica_bit",
     "generation_bit", "replica_timeout", "max_replica_entries", "digest_interval",
     "zones", "families", "preempt_hold_max",
 })
@@ -644,6 +645,11 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         clash = "generation_bit" if "generation_bit" in r.table else "replica_bit"
         raise r.err(clash, f"mark_bit {mark_bit}, replica_bit {replica_bit} and generation_bit "
                     f"{generation_bit} must be three different bits of the conntrack mark")
+    rcvbuf_mb = r.int_in("rcvbuf_mb", 1, 2048, 64)
+    rcvbuf_max_mb = r.int_in("rcvbuf_max_mb", 1, 2048, max(256, rcvbuf_mb))
+    if rcvbuf_max_mb < rcvbuf_mb:
+        raise r.err("rcvbuf_max_mb", f"{rcvbuf_max_mb} is below rcvbuf_mb ({rcvbuf_mb}): the buffer "
+                    "only ever grows from rcvbuf_mb")
     return SyncConfig(
         enabled=True,
         interface=interface,
@@ -657,7 +663,8 @@ def _sync(r: _Reader, vrrp: Sequence[VrrpConfig], base: Path, warnings: list[str
         # read in batches per wake-up (measured lag p50 6 ms -> see README benchmarks).
         flush_ms=r.number("flush_ms", 0, 1000, 0.0),
         resync_interval=r.number("resync_interval", 0, 86400 * 7, 0.0),
-        rcvbuf_mb=r.int_in("rcvbuf_mb", 1, 2048, 64),
+        rcvbuf_mb=rcvbuf_mb,
+        rcvbuf_max_mb=rcvbuf_max_mb,
         replica_bit=replica_bit,
         generation_bit=generation_bit,
         replica_timeout=r.int_in("replica_timeout", 600, 2_000_000, 432_000),

@@ -150,6 +150,7 @@ class Replication:
         self._events_seen = 0
         self._out_of_scope = 0  # our marked entries of zones/families not replicated
         self._overruns = 0
+        self._rcvbuf_grown = 0
         self._dump_failures = 0
         self._handovers = 0
         self._dumps = 0  # bulks and digests read from the kernel
@@ -330,6 +331,11 @@ class Replication:
             self._overruns += 1
             self.log.warning("conntrack event overrun: events were lost; resyncing by dump",
                              overruns=self._overruns)
+            grown = self.events.grow(self.sync.rcvbuf_max_mb << 20)
+            if grown is not None:
+                self._rcvbuf_grown += 1
+                self.log.warning("conntrack event buffer grown after the overrun",
+                                 rcvbuf_bytes=grown, rcvbuf_max_mb=self.sync.rcvbuf_max_mb)
             # libuv stops watching a socket whose poll reported an error: watch it again.
             asyncio.get_running_loop().call_soon(self._rearm_events)
             # After ENOBUFS the kernel drops every event until our queue is drained: a dump
@@ -626,6 +632,7 @@ class Replication:
             c["applied"] = ac.created + ac.updated + ac.deleted
         c.update({"events": self._events_seen, "out_of_scope": self._out_of_scope,
                   "netlink_overruns": self._overruns,
+                  "netlink_rcvbuf_grown": self._rcvbuf_grown,
                   "kernel_dumps": self._dumps,
                   "dump_failures": self._dump_failures, "handovers": self._handovers,
                   "foreign_datagrams": self.sock.foreign if self.sock else 0,

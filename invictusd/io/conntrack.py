@@ -110,6 +110,7 @@ class EventSocket:
         self._view = memoryview(self._buf)
         self._sock = _netlink_socket(rcvbuf_bytes, 1 << 16, nonblocking=True)
         self.rcvbuf = buffers(self._sock).rcvbuf  # what the kernel granted (doubled)
+        self._asked = rcvbuf_bytes  # what we asked for (the kernel grants twice that)
         try:
             # The filter before the groups: nothing unfiltered is ever queued.
             if program is not None:
@@ -122,6 +123,17 @@ class EventSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def grow(self, limit_bytes: int) -> int | None:
+        """After an overrun: double the receive buffer, up to ``limit_bytes`` asked (as
+        conntrackd's ``NetlinkBufferSizeMaxGrowth``). Returns the size the kernel granted,
+        or None when the buffer is already at the limit."""
+        want = min(2 * self._asked, limit_bytes)
+        if want <= self._asked:
+            return None
+        self.rcvbuf = force_buffers(self._sock, rcvbuf=want).rcvbuf
+        self._asked = want
+        return self.rcvbuf
 
     def read_raw(self, max_datagrams: int) -> tuple[memoryview, int, bool]:
         """Up to ``max_datagrams`` datagrams, unparsed, 4-aligned one after the other in an

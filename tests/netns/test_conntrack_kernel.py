@@ -494,10 +494,16 @@ def _overrun_scenario() -> dict[str, Any]:
                 break
             assert len(batch) <= 200
             queued += len(batch)
-        # The socket keeps working after an overrun (the caller resyncs by dump).
+        # The socket keeps working after an overrun (the caller resyncs by dump), and its
+        # buffer may grow (doubled, up to a limit; what the kernel granted is reported).
+        granted = [sock.rcvbuf]
+        for _ in range(4):
+            grown = sock.grow(20_000)
+            granted.append(grown if grown is not None else -1)
         inj.delete(flows[:3])
         after = _read_events(sock, 3)
         return {
+            "granted": granted,
             "overrun": overrun,
             "queued": queued,
             "after": after,
@@ -514,6 +520,8 @@ def test_overrun_raises(ns: str) -> None:
     assert 0 < kept + res["queued"] < 3000  # some events were lost, some were kept
     assert [ev.kind for ev in res["after"]][-3:] == [EventKind.DESTROY] * 3
     assert res["dump"] == 2997
+    # asked 4096 -> 8192 -> 16384 -> 20000 (the limit) -> at the limit; granted twice that
+    assert res["granted"][1:] == [2 * 8192, 2 * 16384, 2 * 20000, -1], res["granted"]
 
 
 def _scan_scenario(n: int) -> dict[str, Any]:

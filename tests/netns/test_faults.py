@@ -203,8 +203,9 @@ def _not_reading(pair: Pair, node: str) -> Iterator[None]:
 
 def test_netlink_overrun_is_detected_and_resynced_by_dump(measure: Any) -> None:
     with lab_pair() as pair:
-        _start_synced(pair, sync_extra={"rcvbuf_mb": 1})
+        _start_synced(pair, sync_extra={"rcvbuf_mb": 1, "rcvbuf_max_mb": 2})
         s0 = pair.status("fw1")["sync"]["counters"]
+        assert pair.status("fw1")["sync"]["netlink_rcvbuf"] == 2 << 20  # granted: twice 1 MiB
         # 20k entries injected in one go while the daemon is not reading (stopped for the
         # burst, well inside Master_Down): far more events than 1 MiB of socket buffer holds.
         # (A daemon that reads faster than the generator injects might never overrun.)
@@ -215,6 +216,12 @@ def test_netlink_overrun_is_detected_and_resynced_by_dump(measure: Any) -> None:
                  10, what="the overrun to be counted")
         n = _assert_converged(pair, "fw1", "fw2", 90)
         assert n == 20000
+        # The overrun doubled the buffer, to the 2 MiB limit (conntrackd's MaxGrowth).
+        assert pair.status("fw1")["sync"]["counters"]["netlink_rcvbuf_grown"] == 1
+        assert pair.status("fw1")["sync"]["netlink_rcvbuf"] == 4 << 20
+        grown = [e for e in pair.log_events("fw1")
+                 if e.get("event") == "conntrack event buffer grown after the overrun"]
+        assert len(grown) == 1 and grown[0]["rcvbuf_bytes"] == 4 << 20, grown
         # And a burst of deletes (DESTROY events overrun the same way).
         mid = pair.status("fw1")["sync"]["counters"]
         with _not_reading(pair, "fw1"):
@@ -224,6 +231,7 @@ def test_netlink_overrun_is_detected_and_resynced_by_dump(measure: Any) -> None:
         n = _assert_converged(pair, "fw1", "fw2", 90)
         assert n == 12000
         s1 = pair.status("fw1")["sync"]["counters"]
+        assert s1["netlink_rcvbuf_grown"] == 1  # at its limit: the second overrun grows nothing
         logged = [e for e in pair.log_events("fw1") if "overrun" in e.get("event", "")]
         assert logged and logged[0]["level"] == "warning"
         measure("netlink overrun (rcvbuf 1 MiB, 20k burst): overruns / dumps / entries compared",

@@ -530,6 +530,16 @@ def test_sync_without_a_key_is_refused_naming_the_key() -> None:
     assert_error(text, "sync.key_file", "[sync]", ("is required", "invictusd keygen"))
 
 
+def test_sync_event_buffer_and_its_growth_limit() -> None:
+    assert (parse(MINIMAL + SYNC).sync.rcvbuf_mb, parse(MINIMAL + SYNC).sync.rcvbuf_max_mb) == (64, 256)
+    big = parse(MINIMAL + SYNC + "rcvbuf_mb = 512\n").sync
+    assert (big.rcvbuf_mb, big.rcvbuf_max_mb) == (512, 512)  # the limit follows a larger start
+    assert parse(MINIMAL + SYNC + "rcvbuf_max_mb = 1024\n").sync.rcvbuf_max_mb == 1024
+    assert_error(MINIMAL + SYNC + "rcvbuf_mb = 128\nrcvbuf_max_mb = 100\n", "sync.rcvbuf_max_mb",
+                 "rcvbuf_max_mb", ("below rcvbuf_mb (128)",))
+    assert_error(MINIMAL + SYNC + "rcvbuf_max_mb = 4096\n", "sync.rcvbuf_max_mb", "rcvbuf_max_mb")
+
+
 def test_sync_zones_and_families() -> None:
     cfg = parse(MINIMAL + SYNC + "zones = [0, 7]\nfamilies = [\"ipv4\", \"ipv6\"]\n")
     assert cfg.sync.zones == frozenset({0, 7}) and cfg.sync.families == frozenset({4, 6})
