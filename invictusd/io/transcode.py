@@ -1001,7 +1001,9 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
         rt, fl = b0 >> 4, b0 & 0xF
         if rt in (_R_NEW, _R_UPSERT):
             plan = plans.get(fl)
-            if plan is not None and payload[off + 1] not in icmps:
+            rec: wire.Entry | None = None
+            here = off
+            if plan is not None and payload[off + 1] not in icmps:  # plain TCP/UDP: fused
                 (unpack, size, has_tcp, v6, orig, reply, h0, h1, h2, h3, h4, h5, h6,
                  update, update_size, create_pack, create_size, family) = plan
                 if has_tcp:
@@ -1009,33 +1011,45 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
                 else:
                     _, proto, src, dst, sp, dp, st, to, mk = unpack(payload, off)
                     tcp = 0
-                here = off
                 off += size
-                if not plain_ok[v6] or (bit and not mk & bit):
-                    refused.append(here)
+                ok = plain_ok[v6] and (not bit or mk & bit)
+            else:  # NAT, zones, ICMP: decoded, then templated by build_entry
+                decoded, off = wire.decode_record_at(payload, off)
+                assert isinstance(decoded, wire.Entry)
+                rec = decoded
+                proto, st, to, mk, tcp = rec.proto, rec.status, rec.timeout, rec.mark, rec.tcp_state
+                ok = zones is None or (rec.family in families and rec.zone in zones
+                                       and rec.rzone in zones and bool(mk & bit))
+            if not ok:
+                refused.append(here)
+                continue
+            new = rt == _R_NEW
+            if capped:
+                full = left <= 0
+                if new and full:
+                    over += 1
                     continue
-                new = rt == _R_NEW
-                if capped:
-                    full = left <= 0
-                    if new and full:
-                        over += 1
-                        continue
-                    create = new or (create_first and not full)
-                    left -= create
-                else:
-                    create = new or create_first
+                create = new or (create_first and not full)
+                left -= create
+            else:
+                create = new or create_first
+            if timeouts is not None:
+                k3 = (proto, tcp, st)
+                timeout = timeout_memo.get(k3) or timeout_memo.setdefault(k3, timeouts(*k3))
+            else:
+                timeout = fixed_timeout or to or ct.DEFAULT_TIMEOUT
+            mark = mk & mark_and | mark_or
+            if rec is not None:
+                append(build_entry(rec, seq, create=create, mark=mark, timeout=timeout,
+                                   with_status=with_status or create))
+                kind(KIND_NEW if new else KIND_CREATE if create else KIND_UPDATE)
+            else:
                 if proto == 6:
                     ti = tcp_cache.get(tcp)
                     if ti is None:
                         ti = tcp_cache[tcp] = _tcp_info(tcp, True)
                 else:
                     ti = b""
-                if timeouts is not None:
-                    k3 = (proto, tcp, st)
-                    timeout = timeout_memo.get(k3) or timeout_memo.setdefault(k3, timeouts(*k3))
-                else:
-                    timeout = fixed_timeout or to or ct.DEFAULT_TIMEOUT
-                mark = mk & mark_and | mark_or
                 if create:
                     packed = create_pack(
                         orig, h0, h1, src, h2, dst, h3, h4, proto, h5, sp, h6, dp,
@@ -1059,32 +1073,7 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
                     mlen = update_size + len(ti)
                     append(mhdr(mlen, ct_new, flags_update, seq, 0, family, 0, 0) + packed + ti)
                     kind(KIND_UPDATE)
-                note(here)
-                seq = (seq + 1) & 0xFFFFFFFF
-                continue
-            rec, nxt = wire.decode_record_at(payload, off)
-            assert isinstance(rec, wire.Entry)
-            here, off = off, nxt
-            if zones is not None and not (rec.family in families and rec.zone in zones
-                                          and rec.rzone in zones and rec.mark & bit):
-                refused.append(here)
-                continue
-            new = rec.new
-            if capped:
-                full = left <= 0
-                if new and full:
-                    over += 1
-                    continue
-                create = new or (create_first and not full)
-                left -= create
-            else:
-                create = new or create_first
-            timeout = (timeouts(rec.proto, rec.tcp_state, rec.status) if timeouts is not None
-                       else fixed_timeout or rec.timeout)
-            append(build_entry(rec, seq, create=create, mark=rec.mark & mark_and | mark_or, timeout=timeout,
-                               with_status=with_status or create))
             note(here)
-            kind(KIND_NEW if new else KIND_CREATE if create else KIND_UPDATE)
             seq = (seq + 1) & 0xFFFFFFFF
         elif rt == _R_DELETE:
             if not fl & _RF_ZONE and payload[off + 1] not in icmps:
@@ -1104,19 +1093,19 @@ def build_records(payload: bytes, start: int, seq: int, how: Injection) -> Built
                 kind(KIND_DELETE)
                 seq = (seq + 1) & 0xFFFFFFFF
                 continue
-            rec, nxt = wire.decode_record_at(payload, off)
-            assert isinstance(rec, wire.Delete)
+            gone, nxt = wire.decode_record_at(payload, off)
+            assert isinstance(gone, wire.Delete)
             here, off = off, nxt
-            if zones is not None and not (rec.family in families and rec.zone in zones):
+            if zones is not None and not (gone.family in families and gone.zone in zones):
                 refused.append(here)
                 continue
-            append(build_entry_delete(rec, seq))
+            append(build_entry_delete(gone, seq))
             note(here)
             kind(KIND_DELETE)
             seq = (seq + 1) & 0xFFFFFFFF
         else:
-            rec, off = wire.decode_record_at(payload, off)
-            return Built(msgs, offsets, kinds, refused, over, off, rec)
+            control, off = wire.decode_record_at(payload, off)
+            return Built(msgs, offsets, kinds, refused, over, off, control)
     return Built(msgs, offsets, kinds, refused, over, off, None)
 
 
