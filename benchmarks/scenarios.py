@@ -20,12 +20,10 @@ raises ``Invalid``: the caller must print no figure from such a run.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import itertools
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.stacks import Invictus, Stack, StackError, ct_count, flush, master_down, vips_on, wait_until
+from invictusd.lab.monitor import IpMonitor
 from invictusd.lab.topology import Lab
 from invictusd.vrrp import v3
 from tests.netns.daemons import pcap_frames, udp_datagrams
@@ -228,39 +227,6 @@ class Adverts:
             cap.stop()
 
 
-class AddressMonitor:
-    """``ip -ts monitor address`` in a namespace: when each address appeared (wall clock)."""
-
-    def __init__(self, lab: Lab, node: str) -> None:
-        self.proc = lab.popen(node, "ip", "-ts", "monitor", "address", stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-        time.sleep(0.2)  # subscribed before anything happens
-
-    def stop(self) -> list[tuple[float, str]]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=5)
-        events = []
-        for line in out.splitlines():
-            if line.startswith("[") and "]" in line:
-                stamp, rest = line[1:].split("]", 1)
-                with contextlib.suppress(ValueError):
-                    events.append((datetime.datetime.fromisoformat(stamp).timestamp(), rest.strip()))
-        return events
-
-    def added(self, addresses: set[str]) -> float | None:
-        """When the last of ``addresses`` was added (None if one never was)."""
-        events = self.stop()
-        ts = []
-        for a in addresses:
-            t = next((t for t, text in events if not text.startswith("Deleted") and f"inet {a}/" in text),
-                     None)
-            if t is None:
-                return None
-            ts.append(t)
-        return max(ts)
-
-
 # -- (0) the generator alone -------------------------------------------------------------------
 
 
@@ -381,7 +347,7 @@ def hold(lab: Lab, stack: Stack, size: int, *, update_delete: bool, ct_timeout: 
         r["false_takeover"] = r["false_takeover"] or stack.backup_took_over()
         try:
             stack.wait_master("fw1", 20)
-            mon = AddressMonitor(lab, "fw2")
+            mon = IpMonitor(lab, "fw2", "address")
             c0 = daemon_cpu(stack)
             with adv.phase("takeover", sender="fw2", new_master=True):
                 tk = stack.takeover(size)
@@ -474,7 +440,7 @@ def failover(lab: Lab, stack: Stack, kind: str, window: float) -> dict[str, Any]
         _wait(lambda: (stack.peer_count("fw2") or 0) >= 2, 10, f"{stack.name}: streams replicated")
         time.sleep(1.0)
         both = {lab.config.lan_vip, lab.config.wan_vip}
-        mon = AddressMonitor(lab, "fw2")
+        mon = IpMonitor(lab, "fw2", "address")
         t_wall, t_fault = time.time(), time.monotonic()
         stack.fault(kind)
         _wait(lambda: vips_on(lab, "fw2") == both, 10, f"{stack.name}: fw2 owning the VIPs", step=0.005)

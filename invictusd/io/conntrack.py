@@ -83,6 +83,16 @@ def _netlink_socket(rcvbuf: int, sndbuf: int, nonblocking: bool) -> socket.socke
     return sock
 
 
+class _Fill(NamedTuple):
+    """What one ``EventSocket._fill`` received: the bytes used in the buffer, how many
+    datagrams, whether the kernel reported an overrun, whether the socket is empty."""
+
+    end: int
+    datagrams: int
+    overrun: bool
+    drained: bool
+
+
 class EventSocket:
     """Conntrack NEW/UPDATE/DESTROY events, optionally only flows carrying ``mark_bit``.
 
@@ -140,26 +150,8 @@ class EventSocket:
         internal buffer (valid until the next call): (buffer, bytes used, overrun). An
         overrun (ENOBUFS) means events were lost: the caller must resync by a dump; what
         was read before it is valid."""
-        recv_into = self._sock.recv_into
-        view = self._view
-        limit = len(self._buf) - _MAX_DATAGRAM
-        pos = 0
-        for _ in range(max_datagrams):
-            try:
-                n = recv_into(view[pos:], 0, socket.MSG_TRUNC)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == E.ENOBUFS:
-                    self.overruns += 1
-                    return view, pos, True
-                raise
-            if n > len(self._buf) - pos:
-                raise ct.NetlinkError("datagram", pos, f"truncated: {n} bytes")
-            pos = (pos + n + 3) & ~3
-            if pos > limit:
-                break
-        return view, pos, False
+        f = self._fill(max_datagrams)
+        return self._view, f.end, f.overrun
 
     def read(self, max_datagrams: int | None = None) -> list[FlowEvent]:
         """Drain the socket without blocking; raises ``Overrun`` on ENOBUFS.
@@ -167,34 +159,46 @@ class EventSocket:
         ``max_datagrams`` bounds the work of one call (a reactor callback should not starve
         the loop during an event storm); the rest stays queued and the fd stays readable.
         """
-        budget = -1 if max_datagrams is None else max_datagrams
+        budget = max_datagrams
+        out: list[FlowEvent] = []
+        while budget is None or budget > 0:
+            f = self._fill(budget if budget is not None else 1 << 30)
+            self._flush(f.end, out)
+            if f.overrun:
+                raise Overrun(out) from None
+            if f.drained:
+                break
+            if budget is not None:
+                budget -= f.datagrams
+        return out
+
+    def _fill(self, max_datagrams: int) -> _Fill:
+        """Receive up to ``max_datagrams`` datagrams into the buffer, each 4-aligned (as the
+        parser steps between messages), until the socket is empty, the buffer is nearly
+        full or an overrun (counted) is reported."""
         recv_into = self._sock.recv_into
         view = self._view
-        limit = len(self._buf) - _MAX_DATAGRAM
-        out: list[FlowEvent] = []
-        pos = 0
-        while budget:
-            budget -= 1
+        size = len(self._buf)
+        limit = size - _MAX_DATAGRAM
+        pos = count = 0
+        while count < max_datagrams:
             try:
                 n = recv_into(view[pos:], 0, socket.MSG_TRUNC)
             except BlockingIOError:
-                break
+                return _Fill(pos, count, overrun=False, drained=True)
             except OSError as exc:
                 if exc.errno == E.ENOBUFS:
                     self.overruns += 1
-                    self._flush(pos, out)
-                    raise Overrun(out) from None
+                    return _Fill(pos, count, overrun=True, drained=False)
                 raise
-            if n > len(self._buf) - pos:
+            if n > size - pos:
                 # Cannot happen with ctnetlink's datagram sizes; never parse a truncated one.
                 raise ct.NetlinkError("datagram", pos, f"truncated: {n} bytes")
-            # Datagrams are placed 4-aligned, as the parser steps between messages.
+            count += 1
             pos = (pos + n + 3) & ~3
             if pos > limit:
-                self._flush(pos, out)
-                pos = 0
-        self._flush(pos, out)
-        return out
+                break
+        return _Fill(pos, count, overrun=False, drained=False)
 
     def subscribe(self, on: bool) -> None:
         """Join or leave the event groups. While out, the kernel builds no events for us at

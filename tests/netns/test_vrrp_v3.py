@@ -11,7 +11,6 @@ polling.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import itertools
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from invictusd.lab.configs import LAN_VRID, PASSWORD
+from invictusd.lab.monitor import IpMonitor
 from invictusd.lab.topology import Lab, LabConfig
 from invictusd.vrrp import packet, v3
 from tests.netns.daemons import Pair, lab_pair, pcap_frames, udp_datagrams, wait_for
@@ -93,25 +93,6 @@ def sole_holder(lab: Lab, family: int = 0) -> str | None:
         if h[a] == all_vips(lab, family) and not h[b]:
             return a
     return None
-
-
-class Monitor:
-    """``ip -ts monitor`` in a namespace: kernel link and address events with wall-clock times."""
-
-    def __init__(self, lab: Lab, node: str, *objects: str) -> None:
-        self.proc = lab.popen(node, "ip", "-ts", "monitor", *objects, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-        time.sleep(0.2)  # subscribed before anything happens
-
-    def stop(self) -> list[tuple[float, str]]:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=5)
-        events = []
-        for line in out.splitlines():
-            if line.startswith("[") and "]" in line:
-                stamp, rest = line[1:].split("]", 1)
-                events.append((datetime.datetime.fromisoformat(stamp).timestamp(), rest.strip()))
-        return events
 
 
 def first(events: list[tuple[float, str]], *needles: str) -> float:
@@ -236,7 +217,7 @@ def test_v3_backup_adopts_a_faster_masters_interval(measure: Any) -> None:
         s = pair.status("fw2")["vrrp"][0]
         assert s["advert_interval"] == 1.0
         assert s["master_down_interval"] == pytest.approx(md(0.05))
-        mon = Monitor(lab, "fw2", "address")
+        mon = IpMonitor(lab, "fw2", "address")
         t_cut = time.time()
         lab.exec("fw1", "ip", "-batch", "-", input=f"link set {lab.config.lan_if} down\n"
                  f"link set {lab.config.wan_if} down\n")
@@ -458,7 +439,7 @@ def test_tcp_stream_survives_a_box_death_with_replication(interval: float, measu
         wait_for(lambda: pair.status("fw2")["sync"]["peer_entries"] >= 2, 5,
                  what="both streams replicated")
         time.sleep(1.0)
-        mon = Monitor(lab, "fw2", "address")
+        mon = IpMonitor(lab, "fw2", "address")
         t_cut, t_cut_mono = _box_death(pair, "fw1")
         wait_for(lambda: vips(lab, "fw2") == all_vips(lab), 3, step=0.01, what="fw2 holding the VIPs")
         time.sleep(2.0)  # TCP's retransmissions (0.2 s, then 0.6 s after a loss) get through
