@@ -3,7 +3,10 @@
 Pure and symmetric: ``encode_datagram``/``DatagramBuilder`` produce bytes, ``decode_datagram``
 turns bytes back into a ``Datagram`` or raises ``WireError`` (``AuthError`` for a bad MAC)
 naming the field and the offset. Nothing else ever escapes decoding: no ``IndexError``, no
-``struct.error``, no ``ValueError`` from an enum.
+``struct.error``, no ``ValueError`` from an enum. The backup's hot path decodes nothing:
+``open_datagram`` checks the MAC and header, ``validate_records`` checks a DATA payload
+exactly as decoding would (property-tested), and the records go from their bytes to kernel
+requests (``invictusd.io.transcode.build_records``).
 
 Layout: a 32-byte header, the records, a 16-byte HMAC-SHA256 trailer over everything before
 it. A record starts with one byte, record type in the high nibble and flags in the low nibble.
@@ -13,7 +16,7 @@ kernel): the receiver holds the replica in its kernel and keeps nothing per entr
 record must be applicable to the kernel on its own. An entry record is an upsert, in one of
 two kinds that only differ in what the receiver tries first (``UPSERT_NEW``: create, for a
 conntrack NEW event; ``UPSERT``: update). Records are flat ``NamedTuple``s of plain values:
-they are made once per conntrack event on the hot path.
+they are made once per conntrack event on the master's generic path.
 """
 
 from __future__ import annotations
