@@ -245,13 +245,12 @@ class Applier:
             if control is None:
                 return pos
             self._flush()
-            rec = control
-            if isinstance(rec, ResyncBegin):
+            if isinstance(control, ResyncBegin):
                 self._begin()
-            elif isinstance(rec, ResyncEnd):
+            elif isinstance(control, ResyncEnd):
                 self._end()
-            elif isinstance(rec, Digest):
-                self._check_digest(rec)
+            elif isinstance(control, Digest):
+                self._check_digest(control)
             if self._blocking is not None:
                 return pos
 
