@@ -130,6 +130,8 @@ class Replication:
         self._epoch = int.from_bytes(os.urandom(8), "big") | 1
         self._own = EventTranscoder(self.sync.mark_bit, self.marks.ours)  # our table
         self._all = EventTranscoder(self.sync.mark_bit, 0)  # replicas too
+        # A bulk sends inherited replica entries as ours: their replica bits never travel.
+        self._bulk_tr = EventTranscoder(self.sync.mark_bit, 0, clear=self.marks.ours)
         self._subscribed = False
         self._resync_when_drained = False
         self._bulk: Scan | None = None
@@ -449,11 +451,11 @@ class Replication:
         self._touched = set()
         if self._fail_next_dump:
             self._fail_next_dump = False
-            self._bulk = Scan("bulk", *self.marks.filter_marked(), self._all, self._bulk_batch,
+            self._bulk = Scan("bulk", *self.marks.filter_marked(), self._bulk_tr, self._bulk_batch,
                               self._bulk_done, self._scan_failed, lambda: s.sender.bulk_room)
             self._scan_failed(self._bulk, NetlinkError("dump", 0, "failure injected by a test hook"))
             return
-        self._bulk = Scan("bulk", *self.marks.filter_marked(), self._all, self._bulk_batch,
+        self._bulk = Scan("bulk", *self.marks.filter_marked(), self._bulk_tr, self._bulk_batch,
                           self._bulk_done, self._scan_failed, lambda: s.sender.bulk_room)
         self.log.info("sending our table", reason=reason, gen=gen)
         self._bulk_t0 = t0
@@ -466,9 +468,6 @@ class Replication:
         self._out_of_scope += out
         if touched:
             recs = [r for r, k in zip(recs, keys, strict=True) if k not in touched]
-        # Replica bits never travel: records of inherited entries carry our mark.
-        ours = self.marks.ours
-        recs = [_strip(r, ours) for r in recs]
         self.session.sender.bulk(recs)
         self._pump(resume_bulk=False)
 
@@ -706,18 +705,6 @@ class Replication:
             self._pump()
             return {"ok": True}
         return {"ok": False, "error": f"unknown fault {request.get('what')!r}"}
-
-
-def _strip(record: bytes, ours: int) -> bytes:
-    """An entry record with our replica bits cleared from its mark (they never travel)."""
-    if record[0] >> 4 not in (wire.RecordType.UPSERT_NEW, wire.RecordType.UPSERT):
-        return record
-    tail = 10 + (1 if record[0] & wire.RF_PROTOINFO else 0)  # status, timeout, mark [, tcp]
-    at = len(record) - tail + 6
-    mark = int.from_bytes(record[at : at + 4], "big")
-    if not mark & ours:
-        return record
-    return record[:at] + (mark & ~ours).to_bytes(4, "big") + record[at + 4 :]
 
 
 def _addr(raw: bytes) -> str:

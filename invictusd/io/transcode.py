@@ -449,19 +449,23 @@ class EventTranscoder:
 
     Replicated: entries whose mark has bit ``mark_bit`` and none of ``replica_mask`` (the
     bits the backup gives its replica: our own injections never echo back). An event without
-    CTA_MARK is unmarked. Records carry ``mark & ~replica_mask`` (that is, the mark), the low
+    CTA_MARK is unmarked. Records carry the mark without the ``clear`` bits (a bulk sends
+    inherited replica entries with their replica bits cleared: those never travel), the low
     16 status bits, the timeout left and the TCP state.
     """
 
-    __slots__ = ("_bit", "_cache", "_rmask", "fast", "generic")
+    __slots__ = ("_bit", "_cache", "_keep", "_rmask", "fast", "generic")
 
-    def __init__(self, mark_bit: int, replica_mask: int) -> None:
+    def __init__(self, mark_bit: int, replica_mask: int, clear: int = 0) -> None:
         if not 0 <= mark_bit < 32:
             raise ValueError(f"mark_bit {mark_bit} outside 0..31")
         if not 0 <= replica_mask <= 0xFFFFFFFF or replica_mask >> mark_bit & 1:
             raise ValueError(f"replica_mask {replica_mask:#x} must be u32 without bit {mark_bit}")
+        if not 0 <= clear <= 0xFFFFFFFF or clear >> mark_bit & 1:
+            raise ValueError(f"clear {clear:#x} must be u32 without bit {mark_bit}")
         self._bit = 1 << mark_bit
         self._rmask = replica_mask
+        self._keep = 0xFFFFFFFF & ~(replica_mask | clear)
         self._cache: dict[int, list[Layout]] = {}
         self.fast = 0  # messages decoded by a compiled layout
         self.generic = 0  # messages decoded by the generic walk
@@ -487,6 +491,7 @@ class EventTranscoder:
         done = False
         bit = self._bit
         rmask = self._rmask
+        keep = self._keep
         cache_get = self._cache.get
         data: bytes | None = buf if type(buf) is bytes else None
         fast = 0
@@ -520,6 +525,7 @@ class EventTranscoder:
                     if not mk & bit or mk & rmask:
                         skipped += 1
                     else:
+                        mk &= keep
                         h = ub if dump else hb
                         if rs == dst and rd == src and rsp == dp and rdp == sp:
                             if tcp:
@@ -560,7 +566,7 @@ class EventTranscoder:
                             deleted += 1
                         else:
                             rec(_entry_record((ub if dump else hb) & 0xF0, v6, proto, src, dst, sp, dp,
-                                              ozone, rs, rd, rsp, rdp, rzone, st, to, mk, tcp))
+                                              ozone, rs, rd, rsp, rdp, rzone, st, to, mk & keep, tcp))
                         key(kp(fam, proto, ozone, sp, dp, src, dst))
                 else:  # OP_SKIP
                     skipped += 1
@@ -615,7 +621,7 @@ class EventTranscoder:
         if r.family != o.family or len(r.src) != alen or len(r.dst) != alen:
             raise NetlinkError("CTA_TUPLE_REPLY", off, "address family differs from the original")
         new = not dump and ev.kind == F.EventKind.NEW
-        entry = wire.entry_from_flow(flow._replace(mark=flow.mark & ~self._rmask), new)
+        entry = wire.entry_from_flow(flow._replace(mark=flow.mark & self._keep), new)
         return _RECORD, wire.encode_entry(entry), k
 
     def _learn(self, data: bytes, off: int, mlen: int, mtype: int, mflags: int, head: int) -> None:
