@@ -42,7 +42,9 @@ class BaselineError(RuntimeError):
     pass
 
 
-def conntrackd_conf(lab: Lab, node: str) -> str:
+def conntrackd_conf(lab: Lab, node: str, external_cache: bool = True) -> str:
+    """``external_cache`` False: ``DisableExternalCache On``, conntrackd injecting the peer's
+    entries into the backup's kernel as they arrive (the job invictusd's backup does)."""
     c = lab.config
     i = 0 if node == "fw1" else 1
     own = sorted({"127.0.0.1", *c.sync_ips, *c.fw_lan_ips, *c.fw_wan_ips, c.lan_vip, c.wan_vip})
@@ -51,7 +53,7 @@ def conntrackd_conf(lab: Lab, node: str) -> str:
     return f"""
 Sync {{
     Mode FTFW {{
-        ResendQueueSize 1048576
+        ResendQueueSize 1048576{"" if external_cache else chr(10) + "        DisableExternalCache On"}
     }}
     UDP {{
         IPv4_address {c.sync_ips[i]}
@@ -198,10 +200,12 @@ def _stopped(pid: int) -> bool:
 class BaselineNode:
     """conntrackd + keepalived on one firewall of the lab."""
 
-    def __init__(self, lab: Lab, node: str, master: bool, version: int = 2, interval: float = 1.0) -> None:
+    def __init__(self, lab: Lab, node: str, master: bool, version: int = 2, interval: float = 1.0,
+                 external_cache: bool = True) -> None:
         self.lab = lab
         self.node = node
         self.master = master
+        self.external_cache = external_cache
         self.version = version
         self.interval = interval
         wd = lab.workdir
@@ -218,7 +222,7 @@ class BaselineNode:
 
     def start_conntrackd(self, mark_rule: bool = True) -> None:
         lab = self.lab
-        lab.write_file(self.ct_conf.name, conntrackd_conf(lab, self.node))
+        lab.write_file(self.ct_conf.name, conntrackd_conf(lab, self.node, self.external_cache))
         self.lock.unlink(missing_ok=True)
         self.ctl.unlink(missing_ok=True)
         if mark_rule:
@@ -357,6 +361,12 @@ class BaselineNode:
             return None
         return parse_cache_count(text, "external")
 
+    def injected_count(self) -> int | None:
+        """Without an external cache: the peer's entries conntrackd put into our kernel
+        (``external inject``: created - destroyed), or None."""
+        text = self.stats()
+        return None if text is None else parse_injected_count(text)
+
     def internal_count(self) -> int | None:
         text = self.stats()
         return None if text is None else parse_cache_count(text, "internal")
@@ -392,15 +402,35 @@ def parse_cache_count(text: str, which: str) -> int | None:
     return None
 
 
+def parse_injected_count(text: str) -> int | None:
+    """Created minus destroyed in the ``external inject`` block of ``conntrackd -s``."""
+    counts: dict[str, int] = {}
+    inside = False
+    for line in text.splitlines():
+        low = line.strip().lower()
+        if low.endswith(":") and not low.startswith("connections"):
+            inside = low == "external inject:"
+            continue
+        if inside and low.startswith("connections "):
+            what, _, rest = low.partition(":")
+            digits = rest.split()[0] if rest.split() else ""
+            if digits.isdigit():
+                counts[what.split()[1]] = int(digits)
+    if "created" not in counts:
+        return None
+    return counts["created"] - counts.get("destroyed", 0)
+
+
 class Baseline:
     """keepalived + conntrackd on both firewalls; fw1 is the preferred master."""
 
     name = "baseline"
 
-    def __init__(self, lab: Lab, version: int = 2, interval: float = 1.0) -> None:
+    def __init__(self, lab: Lab, version: int = 2, interval: float = 1.0,
+                 external_cache: bool = True) -> None:
         self.lab = lab
-        self.nodes = {"fw1": BaselineNode(lab, "fw1", True, version, interval),
-                      "fw2": BaselineNode(lab, "fw2", False, version, interval)}
+        self.nodes = {"fw1": BaselineNode(lab, "fw1", True, version, interval, external_cache),
+                      "fw2": BaselineNode(lab, "fw2", False, version, interval, external_cache)}
 
     def start(self, vrrp: bool = True) -> None:
         try:

@@ -26,7 +26,15 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks import scenarios as S
-from benchmarks.stacks import FAILOVER_FAULTS, FAILOVER_STACKS, FAULTS, STACKS, Stack
+from benchmarks.stacks import (
+    FAILOVER_FAULTS,
+    FAILOVER_STACKS,
+    FAULTS,
+    SAME_JOB_STACK,
+    STACKS,
+    ConntrackdKernelReplica,
+    Stack,
+)
 from invictusd.lab import netns
 from invictusd.lab.topology import Lab, LabConfig
 
@@ -129,7 +137,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quiet": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         "config": cfg, "machine": report.machine(), "kernel_object_bytes": S.conntrack_object_bytes(),
-        "generator_alone": [], "hold": [], "lag": [], "failover": [], "timing": [], "idle": [],
+        "generator_alone": [], "hold": [], "same_job": [], "lag": [], "failover": [], "timing": [],
+        "idle": [],
     }
     sizes = cfg["sizes"]
     ct_max = max(262_144, 2 * max(sizes) + 100_000)
@@ -153,6 +162,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                     log(f"  {r['events_per_s']:,.0f} entries/s, takeover {r['takeover_s'] * 1000:.1f} ms, "
                         f"bulk {r['bulk']['seconds']:.2f} s, adverts worst "
                         f"{max((a['worst_s'] or 0) for a in r['adverts'].values()):.3f} s")
+                log(f"rep {rep + 1}/{cfg['reps']}: {size} entries burst, {SAME_JOB_STACK} (the same job)")
+                j = S.burst_cost(lab, ConntrackdKernelReplica(lab), size, cfg["ct_timeout"])
+                j["rep"] = rep
+                raw["same_job"].append(j)
+                log(f"  {j['events_per_s']:,.0f} entries/s")
         for rep in range(cfg["failover_reps"]):
             for kind in cfg["faults"]:
                 names = [n for n in FAILOVER_STACKS if kind in FAILOVER_FAULTS[n]]

@@ -284,6 +284,37 @@ def _burst(lab: Lab, stack: Stack, size: int, ct_timeout: int, *, strict: bool =
             "complete": complete, "held": count}
 
 
+def _costed_burst(lab: Lab, stack: Stack, size: int, ct_timeout: int) -> tuple[dict[str, Any], int]:
+    """``_burst`` and what it cost each daemon until the sync link was quiet again
+    (``cpu_s``; ``cpu_user_s`` and ``cpu_system_s``: how much of it the kernel did for the
+    process, inserting entries, netlink, sockets; in ticks of 10 ms); and the sync link's
+    byte count at that point."""
+    cpu0, split0 = daemon_cpu(stack), daemon_cpu_split(stack)
+    r = _burst(lab, stack, size, ct_timeout)
+    quiet_bytes = wait_quiet(lab, "fw1")
+    cpu1, split1 = daemon_cpu(stack), daemon_cpu_split(stack)
+    r["cpu_s"] = {k: round(cpu1.get(k, 0) - v, 6) for k, v in cpu0.items()}
+    r["cpu_user_s"] = {k: round(split1.get(k, (0, 0))[0] - v[0], 2) for k, v in split0.items()}
+    r["cpu_system_s"] = {k: round(split1.get(k, (0, 0))[1] - v[1], 2) for k, v in split0.items()}
+    return r, quiet_bytes
+
+
+def burst_cost(lab: Lab, stack: Stack, size: int, ct_timeout: int) -> dict[str, Any]:
+    """Only the burst of ``hold``: throughput and CPU per event, for a stack compared on
+    that alone (the baseline doing invictusd's job, ``stacks.ConntrackdKernelReplica``)."""
+    reset_lab(lab)
+    _stack_start(stack)
+    try:
+        before = stack.peer_count("fw2")
+        if before is None or before != 0:
+            raise Invalid(f"{stack.name}: fw2 holds {before} peer entries before the burst")
+        r, _ = _costed_burst(lab, stack, size, ct_timeout)
+        return {"stack": stack.name, "size": size, "replicator": stack.replicator(), **r,
+                "counters": {n: stack.counters(n) for n in ("fw1", "fw2")}}
+    finally:
+        stack.close()
+
+
 def hold(lab: Lab, stack: Stack, size: int, *, update_delete: bool, ct_timeout: int,
          hold_s: float = 2.0) -> dict[str, Any]:
     """Burst of ``size`` new marked entries on fw1 (throughput, CPU per event, bytes); the
@@ -300,17 +331,10 @@ def hold(lab: Lab, stack: Stack, size: int, *, update_delete: bool, ct_timeout: 
         if before is None or before != 0:
             raise Invalid(f"{stack.name}: fw2 holds {before} peer entries before the burst")
         mem0 = daemon_memory(stack)
-        cpu0, split0 = daemon_cpu(stack), daemon_cpu_split(stack)
         b0 = sync_bytes(lab, "fw1")
         with adv.phase("burst"):
-            r.update(_burst(lab, stack, size, ct_timeout))
-            b1 = wait_quiet(lab, "fw1")
-            cpu1, split1 = daemon_cpu(stack), daemon_cpu_split(stack)
-        r["cpu_s"] = {k: round(cpu1.get(k, 0) - v, 6) for k, v in cpu0.items()}
-        # How much of it the kernel did for the process (inserting entries, netlink, sockets):
-        # user and system time apart, in ticks (10 ms).
-        r["cpu_user_s"] = {k: round(split1.get(k, (0, 0))[0] - v[0], 2) for k, v in split0.items()}
-        r["cpu_system_s"] = {k: round(split1.get(k, (0, 0))[1] - v[1], 2) for k, v in split0.items()}
+            burst, b1 = _costed_burst(lab, stack, size, ct_timeout)
+            r.update(burst)
         r["bytes_per_new"] = (b1 - b0) / size
         with adv.phase("hold"):
             time.sleep(hold_s)

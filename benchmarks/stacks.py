@@ -289,13 +289,14 @@ class Invictus(Stack):
 class KeepalivedConntrackd(Stack):
     label = "keepalived+conntrackd"
 
-    def __init__(self, lab: Lab, version: int = 2, interval: float = 1.0) -> None:
+    def __init__(self, lab: Lab, version: int = 2, interval: float = 1.0,
+                 external_cache: bool = True) -> None:
         super().__init__(lab)
         self.version, self.interval = version, interval
         self.name = "baseline" if version == 2 else f"baseline-{interval:g}"
         self.label = ("keepalived+conntrackd" if version == 2
                       else f"keepalived v3 {interval:g} s + conntrackd")
-        self.base = Baseline(lab, version, interval)
+        self.base = Baseline(lab, version, interval, external_cache)
         self._notify_before = 0
 
     def start(self) -> None:
@@ -407,6 +408,25 @@ class KeepalivedConntrackd(Stack):
     def close(self) -> None:
         self.base.close()
         self.frozen.clear()
+
+
+# The baseline configured to do the same job as invictusd (the replica in the backup's kernel).
+SAME_JOB_STACK = "baseline-kernel"
+
+
+class ConntrackdKernelReplica(KeepalivedConntrackd):
+    """The baseline doing invictusd's job: conntrackd with ``DisableExternalCache On``
+    injects the master's entries into fw2's kernel as they arrive (no commit at takeover).
+    Measured for the burst's throughput and CPU only: the same work side by side."""
+
+    label = "keepalived+conntrackd, DisableExternalCache"
+
+    def __init__(self, lab: Lab) -> None:
+        super().__init__(lab, external_cache=False)
+        self.name = SAME_JOB_STACK
+
+    def peer_count(self, node: str) -> int | None:
+        return self.base.nodes[node].injected_count()
 
 
 STACKS: dict[str, Callable[[Lab], Stack]] = {

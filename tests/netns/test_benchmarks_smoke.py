@@ -54,6 +54,12 @@ def test_tiny_benchmark_run_is_valid_and_reports_every_figure(tmp_path: Path) ->
             assert r["committed"] >= size and r["bulk"]["entries"] == size, r
             assert all(r["adverts"][ph]["intervals"] > 0 for ph in report.PHASES), r["adverts"]
             assert any(k.startswith("fw2/") for k in r["memory"]["holding"]), r["memory"]
+    # The baseline doing the same job (its replica in fw2's kernel): every entry injected.
+    (j,) = [r for r in raw["same_job"] if r["size"] == 2000]
+    assert j["stack"] == "baseline-kernel" and j["held"] == 2000 and j["complete"], j
+    assert any(k.startswith("fw2/conntrackd") for k in j["cpu_s"]), j["cpu_s"]
+    assert any("conntrackd doing the same job" in f for f in figures), figures
+    assert "DisableExternalCache" in md
     assert s["kernel"]["object_bytes"], "nf_conntrack slab not found"
     # Every failover of issue 10's table, each stack over the same window.
     got = {(f["stack"], f["fault"]) for f in raw["failover"]}
