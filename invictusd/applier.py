@@ -429,7 +429,10 @@ class Applier:
             self.session.divergence(RequestReason.APPLY_FAILED, asyncio.get_running_loop().time())
             self._resume()
 
-        scan = Scan(name, filt[0], filt[1], self.transcoder, on_batch, finished, failed)
+        # The kernel is asked for every replicated entry (a dense dump: see io/scan.py), the
+        # narrower choice ``filt`` made while reading.
+        scan = Scan(name, *self.marks.filter_marked(), self.transcoder, on_batch, finished, failed,
+                    select=filt)
         self._blocking = scan
         scan.start()
 

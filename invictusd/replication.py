@@ -432,8 +432,8 @@ class Replication:
             self.log.info("inherited entries handed over", **self.last_handover)
             self._pump()
 
-        self._handover = Scan("hand-over", *marks.filter_replica(), self._all, on_batch, finished,
-                              self._scan_failed)
+        self._handover = Scan("hand-over", *marks.filter_marked(), self._all, on_batch, finished,
+                              self._scan_failed, select=marks.filter_replica())
         self._handover.start()
 
     def _maybe_start_bulk(self, now: float) -> None:
@@ -693,7 +693,8 @@ class Replication:
                 if not done.done():
                     done.set_exception(e)
 
-            Scan(f"tables-{name}", *filt, self._all, on_batch, finished, failed).start()
+            Scan(f"tables-{name}", *self.marks.filter_marked(), self._all, on_batch, finished, failed,
+                 select=filt).start()
             await done
         return out
 

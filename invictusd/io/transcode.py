@@ -49,6 +49,7 @@ __all__ = [
     "build_entry_delete",
     "build_records",
     "event_filter",
+    "select_entries",
     "with_ack",
 ]
 
@@ -103,6 +104,18 @@ class Batch(NamedTuple):
     deleted: int
     done: bool
     skipped: int
+
+
+def select_entries(batch: Batch, mark: int, mask: int) -> Batch:
+    """The entry records of a dump's ``batch`` whose mark has ``mark & mask == mark``: the
+    selection a kernel dump filter would make, made here (``io/scan.py`` says why)."""
+    mark_of = wire.entry_mark
+    keep = [i for i, r in enumerate(batch.records) if (m := mark_of(r)) is not None and m & mask == mark]
+    if len(keep) == len(batch.records):
+        return batch
+    records, keys = batch.records, batch.keys
+    return Batch([records[i] for i in keep], [keys[i] for i in keep], 0, batch.done,
+                 batch.skipped + len(records) - len(keep))
 
 
 def _entry_record(

@@ -551,6 +551,15 @@ def decode_payload(data: bytes, off: int, end: int, dtype: DatagramType) -> list
     return _decode_records(data, off, end, ALLOWED_RECORDS[dtype])
 
 
+def entry_mark(record: bytes) -> int | None:
+    """The mark of one encoded entry record (UPSERT_NEW or UPSERT); None for any other kind.
+    Every entry record ends with status, timeout and mark, then the TCP state if flagged."""
+    if record[0] >> 4 not in (RecordType.UPSERT_NEW, RecordType.UPSERT):
+        return None
+    end = len(record) - (1 if record[0] & RF_PROTOINFO else 0)
+    return int.from_bytes(record[end - 4 : end], "big")
+
+
 def record_ident(data: bytes, off: int) -> bytes:
     """The entry that the (checked) entry or DELETE record at ``off`` names: its original
     tuple and zone, as bytes equal for every record of the same entry, whatever its kind

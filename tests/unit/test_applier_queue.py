@@ -193,3 +193,39 @@ def test_entries_outside_the_scope_are_refused_not_built(mark: int) -> None:
     a.feed([_delivery(1, [_entry(1, mark=mark), _entry(2)])])
     _run(a)
     assert len(inj.table) == 1 and sum(a.counters.refused.values()) == 1
+
+
+def test_every_scan_asks_the_kernel_for_a_dense_set_and_selects_while_reading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel walks its table with softirqs off until a reply chunk is full: a filter
+    matching few entries (a re-mark or sweep with nothing to do) is one call walking the whole
+    table, and every packet of that CPU waits (256-280 ms at 1M entries, measured; a VRRP
+    advert among them). So the kernel's filter is every replicated entry, the narrower
+    choice made by the scan itself."""
+    import invictusd.applier as applier_mod
+    from invictusd.sync.policy import Remark, Sweep
+
+    made: list[tuple[str, int, int, Any]] = []
+
+    class RecordingScan:
+        def __init__(self, name: str, mark: int, mask: int, *args: Any, select: Any = None,
+                     **kw: Any) -> None:
+            made.append((name, mark, mask, select))
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(applier_mod, "Scan", RecordingScan)
+    a = _applier()
+    a._remark(Remark(1, 0))
+    a._blocking = None
+    a._sweep(Sweep(0))
+    a._blocking = None
+    a._check_digest(wire.Digest(0, 0))
+    a._blocking = None
+    a.count()
+    dense = MARKS.filter_marked()
+    names = ("remark", "sweep", "digest", "count")
+    assert [(n, (m, k)) for n, m, k, _ in made] == [(n, dense) for n in names]
+    assert [s for *_, s in made] == [MARKS.filter_replica(1), MARKS.filter_replica(0), MARKS.filter_replica(),
+                                     MARKS.filter_replica()]

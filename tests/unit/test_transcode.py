@@ -608,3 +608,27 @@ def test_build_records_plain_tcp_is_pinned() -> None:
     assert built.msgs == [T.build_entry(e, 77, create=True, mark=mark, timeout=86400),
                           T.build_entry(u, 78, create=False, mark=mark, timeout=86400)]
     assert list(built.kinds) == [T.KIND_NEW, T.KIND_UPDATE] and built.offsets == [0, 25]
+
+
+def test_entry_mark_and_selection_of_dump_records() -> None:
+    """``select_entries`` keeps exactly the entries whose decoded mark matches, keys aligned;
+    ``wire.entry_mark`` reads every entry record's mark (v4/v6, NAT, zones, TCP state) and
+    nothing else."""
+    tr = T.EventTranscoder(MARK_BIT, 0)
+    batch = T.Batch([], [], 0, False, 0)
+    for buf in ALL_CT.values():
+        with contextlib.suppress(ct.NetlinkError, ct.KernelError):
+            b = tr.transcode(buf, len(buf), dump=True)
+            batch = T.Batch(batch.records + b.records, batch.keys + b.keys, 0, False, 0)
+    decoded = [wire.decode_records(r)[0] for r in batch.records]
+    assert len(decoded) >= 8 and len({e.mark for e in decoded if isinstance(e, wire.Entry)}) >= 2
+    for r, e in zip(batch.records, decoded, strict=True):
+        assert wire.entry_mark(r) == (e.mark if isinstance(e, wire.Entry) else None)
+    for rec in (wire.Delete(4, 6, V4("10.0.0.1"), V4("10.0.0.2"), 1, 2, 0), wire.ResyncBegin(3)):
+        assert wire.entry_mark(wire.encode_record(rec)) is None
+    for mark, mask in ((MARK, MARK), (MARK | 1, MARK | 1), (MARK | 3, 0xFFFFFFFF), (0, 0)):
+        got = T.select_entries(batch, mark, mask)
+        want = [i for i, e in enumerate(decoded) if isinstance(e, wire.Entry) and e.mark & mask == mark]
+        assert got.records == [batch.records[i] for i in want]
+        assert got.keys == [batch.keys[i] for i in want]
+        assert got.skipped == len(batch.records) - len(want)
