@@ -551,6 +551,9 @@ def _state_changes(stack: Invictus, node: str) -> list[dict[str, Any]]:
             and e.get("interface") == lan]
 
 
+LOG_KEPT = 200_000  # characters of each node's log kept with a phase that had a false failover
+
+
 def timing(lab: Lab, interval: float, size: int, *, flood_s: float, ct_timeout: int) -> dict[str, Any]:
     """invictusd VRRPv3 at ``interval`` with replication: a hostile flood, a burst of ``size``,
     a bulk of ``size`` to fw2 restarted on an empty table, and a step-down of fw1 (fw2 takes
@@ -587,6 +590,10 @@ def timing(lab: Lab, interval: float, size: int, *, flood_s: float, ct_timeout: 
                 false += sum(1 for e in changes if e.get("new") in ("master", "backup")
                              and e.get("old") in ("master", "backup"))
             ph["false_failovers"] = max(0, false - expected)
+            if ph["false_failovers"]:
+                # What each node logged: why it took over (kept with the figures; the lab,
+                # and with it the log files, is gone once the run ends).
+                ph["logs"] = {n: stack.pair.log(n)[-LOG_KEPT:] for n in ("fw1", "fw2")}
             out["phases"][name] = ph
 
         s0 = snap()
