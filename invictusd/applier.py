@@ -99,6 +99,8 @@ class ApplyCounters:
     resyncs_applied: int = 0
     swept: int = 0
     remarked: int = 0
+    sweep_scans: int = 0  # dumps of the replica table (skipped when no entry can be stale)
+    remark_scans: int = 0
     digests_matched: int = 0
     digests_mismatched: int = 0
     last_sweep_seconds: float = 0.0
@@ -274,6 +276,8 @@ class Applier:
             return
         self._pending = _Pending()
         self._limit = min(BATCH, 2 * self._limit)
+        if not p.master:
+            self.gens.injected()
         failures = self.injector.run(p.msgs, p.base)
         c = self.counters
         kinds = p.kinds
@@ -356,6 +360,7 @@ class Applier:
             retry = kept
             if not retry:
                 return
+            self.gens.injected()
         base = self.injector.next_seqs(len(retry))
         msgs = []
         for j, (rec, err) in enumerate(retry):
@@ -447,6 +452,7 @@ class Applier:
 
     def _remark(self, step: Remark) -> None:
         to = step.to_parity
+        self.counters.remark_scans += 1
 
         # Our own kernel's replica entries (no scope to check), in the update form, no status.
         how = Injection(*self.marks.replica_masks(to), self.replica_timeout, None, False, None,
@@ -458,10 +464,14 @@ class Applier:
             failures = self.injector.run(msgs, base) if msgs else {}
             self.counters.remarked += len(msgs) - len(failures)
 
-        self._scan("remark", self.marks.filter_replica(step.from_parity), on_batch, lambda s: None)
+        def done(scan: Scan) -> None:
+            self.gens.remarked(step)
+
+        self._scan("remark", self.marks.filter_replica(step.from_parity), on_batch, done)
 
     def _sweep(self, step: Sweep) -> None:
         t0 = time.perf_counter()
+        self.counters.sweep_scans += 1
 
         def on_batch(batch: Batch) -> None:
             entries = self._entries(batch)
@@ -475,6 +485,7 @@ class Applier:
 
         def done(scan: Scan) -> None:
             self.counters.last_sweep_seconds = round(time.perf_counter() - t0, 3)
+            self.gens.swept(step)
             self._completed()
 
         self._scan("sweep", self.marks.filter_replica(step.parity), on_batch, done)
@@ -482,14 +493,18 @@ class Applier:
     def _check_digest(self, rec: Digest) -> None:
         """Our replica's count and XOR of key hashes, taken at this point of the stream."""
         acc = [0, 0]
+        parities: set[int] = set()
+        generation = self.marks.generation
 
         def on_batch(batch: Batch) -> None:
             for e in self._entries(batch):
                 acc[0] += 1
                 acc[1] ^= wire.key_hash(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
+                parities.add(1 if e.mark & generation else 0)
 
         def done(scan: Scan) -> None:
             self.replica_entries = acc[0]  # the kernel's count is the truth
+            self.gens.counted(parities)
             if (acc[0], acc[1]) == (rec.entries, rec.digest):
                 self.counters.digests_matched += 1
             else:
@@ -501,13 +516,29 @@ class Applier:
         self._scan("digest", self.marks.filter_replica(), on_batch, done)
 
     def count(self) -> None:
-        """Count our replica entries (at start: what a previous run left in the kernel)."""
+        """Count our replica entries and their parities (at start: what a previous run left
+        in the kernel; none after a reboot, and then no resync re-marks or sweeps)."""
         acc = [0]
+        parities: set[int] = set()
+        generation = self.marks.generation
 
         def on_batch(batch: Batch) -> None:
             acc[0] += len(batch.records)
+            if len(parities) < 2:
+                for rec in batch.records:
+                    mark = wire.entry_mark(rec)
+                    if mark is not None:
+                        parities.add(1 if mark & generation else 0)
 
         def done(scan: Scan) -> None:
             self.replica_entries = acc[0]
+            self.gens.counted(parities)
 
         self._scan("count", self.marks.filter_replica(), on_batch, done)
+
+    def handed_over(self, complete: bool) -> None:
+        """This node, master, made every replica entry of its kernel its own (a hand-over;
+        ``complete``: none refused). Only a backup creates replica entries, so none is left."""
+        self.replica_entries = 0
+        if complete:
+            self.gens.emptied()

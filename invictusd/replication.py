@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import select
@@ -410,6 +411,7 @@ class Replication:
         marks = self.marks
         injector = self.injector
         done = [0]
+        refused = [0]
 
         def timeouts(proto: int, tcp_state: int, status: int) -> int:
             return handover_timeout(proto, tcp_state, status, table)
@@ -422,13 +424,16 @@ class Replication:
             msgs = build_records(b"".join(batch.records), 0, base, how).msgs
             failures = injector.run(msgs, base) if msgs else {}
             done[0] += len(msgs) - len(failures)
+            refused[0] += sum(1 for err in failures.values() if err != errno.ENOENT)  # not gone: kept
 
         def finished(scan: Scan) -> None:
             self._handover = None
             self._handovers += 1
             self.last_handover = {"entries": done[0], "seconds": round(time.perf_counter() - t0, 3)}
+            if refused[0]:
+                self.last_handover["refused"] = refused[0]
             if self.applier is not None:
-                self.applier.replica_entries = 0
+                self.applier.handed_over(complete=not refused[0])
             self.log.info("inherited entries handed over", **self.last_handover)
             self._pump()
 
@@ -625,7 +630,8 @@ class Replication:
                       "apply_failures": sum(ac.failures.values()), "over_capacity": ac.over_capacity,
                       "applied_retried": ac.retried,
                       "resyncs_applied": ac.resyncs_applied, "swept": ac.swept,
-                      "remarked": ac.remarked, "digests_matched": ac.digests_matched,
+                      "remarked": ac.remarked, "sweep_scans": ac.sweep_scans,
+                      "remark_scans": ac.remark_scans, "digests_matched": ac.digests_matched,
                       "digests_mismatched": ac.digests_mismatched})
             c.update({f"rejected_{why.value}": ac.refused[why] for why in Refusal})
             c["applied"] = ac.created + ac.updated + ac.deleted

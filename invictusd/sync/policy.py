@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from invictusd import flows as F
 from invictusd.sync import wire
@@ -170,32 +170,71 @@ class Generations:
     not refreshed and is swept, and ``current`` becomes ``done``. A resync that never ended
     leaves both parities behind; the next BEGIN first re-marks them (``Remark``), so one
     parity bit stays exact whatever the interruptions. At start the parities of entries left
-    by a previous run are unknown: the state begins as if a resync were unfinished.
+    by a previous run are unknown: the state begins as if a resync were unfinished, until a
+    count of the kernel's replica entries (``counted``) says which parities are there.
+
+    ``held`` is the parities replica entries may have in the kernel (a superset: a parity
+    leaves it only when the kernel was read or swept). A re-mark or a sweep of a parity no
+    entry has is skipped: each is a dump of the whole replicated table, seconds at a million
+    entries (a node that was master holds none, however large its table).
     """
 
     done: int = 0
     current: int = 1
     active: bool = True  # a resync begun and not ended (or unknown state at start)
     begun: bool = False  # a BEGIN has been seen (an END closes only a resync it saw begin)
+    held: set[int] = field(default_factory=lambda: {0, 1})
 
     def begin(self) -> list[Remark]:
-        steps = [Remark(self.current, self.done)] if self.active else []
-        self.current = 1 - self.done
+        other = 1 - self.done
+        steps = [Remark(other, self.done)] if other in self.held else []
+        if steps:
+            self.held.add(self.done)
+        self.current = other
         self.active = self.begun = True
         return steps
 
     def end(self) -> Sweep | None:
         if not self.active or not self.begun:
             return None
-        sweep = Sweep(self.done)
+        old = self.done
         self.done = self.current
         self.active = False
-        return sweep
+        return Sweep(old) if old in self.held else None
 
     @property
     def parity(self) -> int:
         """The parity of what is injected now."""
         return self.current
+
+    def injected(self) -> None:
+        """Replica entries were written (created or refreshed) with ``parity``."""
+        self.held.add(self.current)
+
+    def remarked(self, step: Remark) -> None:
+        """A re-mark read the whole replica table: none of ``from_parity`` is left, except
+        what this resync has injected since (``injected`` adds it back)."""
+        self.held.discard(step.from_parity)
+
+    def swept(self, step: Sweep) -> None:
+        self.held.discard(step.parity)
+
+    def counted(self, parities: set[int]) -> None:
+        """The kernel's replica entries, read while nothing was injected, have ``parities``.
+        Before any BEGIN that settles what a previous run left: one parity (or none) means
+        no resync was left unfinished, and it becomes the completed one."""
+        self.held = set(parities)
+        if self.begun:
+            return
+        if len(parities) < 2:
+            self.done = self.current = next(iter(parities), self.done)
+            self.active = False
+
+    def emptied(self) -> None:
+        """No replica entry is left (a hand-over made them all ours, nothing injected since)."""
+        self.held.clear()
+        self.current = self.done
+        self.active = False
 
 
 # ---- preemption hold --------------------------------------------------------------------

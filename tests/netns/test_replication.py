@@ -8,6 +8,7 @@ proves these tests can fail.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -252,6 +253,50 @@ def test_peer_restart_gets_the_bulk_table_and_converges() -> None:
                       if e.get("event") == "state change" and e.get("new") == "master")
         assert allowed < master
         _assert_converged(pair, "fw1", "fw2", 20)
+
+
+def test_a_resync_dumps_the_table_again_only_for_entries_that_can_be_stale() -> None:
+    """A re-mark and a sweep each read the whole replicated table by dump (seconds at a
+    million entries, the stream waiting). A backup that started with an empty table and a
+    master that stepped down (its hand-over made every replica its own) hold no entry of an
+    older generation, and resync without either; a backup restarted over the replica it
+    held still sweeps what it missed, entry by entry."""
+    with lab_pair() as pair:
+        _start_synced(pair)
+        _churn(pair, "fw1", "--create", "3000", "--seed", "7")
+        _assert_converged(pair, "fw1", "fw2", 20)
+
+        def scans(node: str) -> tuple[int, int]:
+            c = pair.status(node)["sync"]["counters"]
+            return c["remark_scans"], c["sweep_scans"]
+
+        assert scans("fw2") == (0, 0)  # it started empty: nothing could be stale
+        # Deletes fw2 misses: its daemon away, its kernel keeps the replica. At start it
+        # counts one generation there: the resync sweeps it, and re-marks nothing.
+        pair.stop("fw2")
+        _churn(pair, "fw1", "--create", "500", "--delete", "700", "--seed", "11")
+        pair.start("fw2")
+        _assert_converged(pair, "fw1", "fw2", 20)
+        wait_for(lambda: scans("fw2") == (0, 1), 10, what="fw2's one sweep")
+        # fw1 steps down: fw2 hands the entries over and sends them back; fw1, whose entries
+        # were all its own, resyncs without reading its table again.
+        pair.signal("fw1", signal.SIGUSR1)
+        wait_for(lambda: pair.master() == "fw2", 3, what="fw2 master after the step-down")
+        wait_for(lambda: pair.status("fw2")["sync"]["last_handover"], 10, what="fw2's hand-over")
+        _assert_converged(pair, "fw2", "fw1", 20)
+        wait_for(lambda: pair.status("fw1")["sync"]["counters"]["resyncs_applied"] >= 1, 10,
+                 what="fw1 to apply fw2's resync")
+        assert scans("fw1") == (0, 0)
+        assert len(kernel_owned(pair.lab, "fw1")) == 0  # all fw2's now: fw1 holds replicas
+        # And back: fw1 resumes and preempts. fw2 held replicas before its takeover; its
+        # hand-over made them all its own, so its resync as backup again reads nothing.
+        applied = pair.status("fw2")["sync"]["counters"]["resyncs_applied"]
+        assert control.request(control_socket(pair.lab, "fw1"), "resume")["ok"]
+        wait_for(lambda: pair.master() == "fw1", 10, what="fw1 master after resume")
+        _assert_converged(pair, "fw1", "fw2", 20)
+        wait_for(lambda: pair.status("fw2")["sync"]["counters"]["resyncs_applied"] > applied, 10,
+                 what="fw2 to apply fw1's resync")
+        assert scans("fw2") == (0, 1)
 
 
 def test_a_bulk_into_an_empty_table_creates_each_entry_once(measure: Any) -> None:

@@ -42,27 +42,38 @@ def test_generations_sweep_exactly_what_the_completed_resync_did_not_refresh() -
     g = Generations()
     assert g.begin() == [Remark(1, 0)]  # at start: what a previous run left is unknown
     assert g.parity == 1
+    g.remarked(Remark(1, 0))
+    g.injected()
     assert g.end() == Sweep(0) and (g.done, g.active) == (1, False)
+    g.swept(Sweep(0))
     assert g.parity == 1  # between resyncs, events refresh with the completed parity
     assert g.begin() == [] and g.parity == 0
     assert g.end() == Sweep(1)
     assert g.end() is None  # an END without its BEGIN sweeps nothing
 
 
-@given(st.lists(st.sampled_from(["begin", "end", "inject"]), max_size=40), st.integers(0, 1000))
+@given(st.lists(st.sampled_from(["begin", "end", "inject", "count", "empty"]), max_size=40),
+       st.integers(0, 1000))
 def test_generations_on_a_model_table(script: list[str], seed: int) -> None:
-    """Whatever the interleaving of BEGIN (possibly interrupting), END and injections, the
-    sweep at an END removes exactly the entries not refreshed since the BEGIN it closes."""
+    """Whatever the interleaving of BEGIN (possibly interrupting), END, injections, a count of
+    the kernel and a hand-over that empties it, the sweep at an END removes exactly the
+    entries not refreshed since the BEGIN it closes, and a re-mark or a sweep is skipped only
+    when the kernel holds no entry it would touch."""
     g = Generations()
     table: dict[int, int] = {k: k % 2 for k in range(10)}  # key -> parity (unknown at start)
     refreshed: set[int] | None = None
-    n = 10
+    n = 10 + seed % 7
     for step in script:
         if step == "begin":
-            for r in g.begin():
+            other = 1 - g.done
+            steps = g.begin()
+            if not steps:
+                assert other not in table.values()  # nothing to re-mark
+            for r in steps:
                 for k, p in table.items():
                     if p == r.from_parity:
                         table[k] = r.to_parity
+                g.remarked(r)
             refreshed = set()
         elif step == "inject":
             n += 1
@@ -70,16 +81,60 @@ def test_generations_on_a_model_table(script: list[str], seed: int) -> None:
                 table[k] = g.parity
                 if refreshed is not None:
                     refreshed.add(k)
+            g.injected()
+        elif step == "count":
+            g.counted(set(table.values()))
+        elif step == "empty":
+            table.clear()
+            g.emptied()
+            refreshed = None
         else:
+            closing = refreshed is not None and g.active and g.begun
             sweep = g.end()
             if sweep is None:
+                if closing:
+                    assert refreshed is not None and set(table) <= refreshed  # nothing stale
+                refreshed = None if closing else refreshed
                 continue
             assert refreshed is not None
             swept = {k for k, p in table.items() if p == sweep.parity}
             assert swept == set(table) - refreshed
             for k in swept:
                 del table[k]
+            g.swept(sweep)
             refreshed = None
+        assert set(table.values()) <= g.held  # ``held`` never forgets a parity in the kernel
+
+
+def test_generations_skip_the_remark_and_the_sweep_of_a_node_that_holds_no_replica() -> None:
+    """A node whose kernel holds no replica entry (counted at start; or a master whose
+    hand-over made them its own) re-marks nothing at the next BEGIN and sweeps nothing at its
+    END: each would be a dump of the whole replicated table."""
+    g = Generations()
+    g.counted(set())
+    assert g.parity == g.done and not g.active
+    assert g.begin() == []
+    g.injected()
+    assert g.end() is None  # the previous generation held nothing
+    g.injected()
+    assert g.begin() == [] and g.end() == Sweep(1 - g.done)  # now one generation is there
+
+    g = Generations()
+    g.counted({1})  # a previous run completed parity 1: it becomes the completed one
+    assert (g.done, g.current, g.active) == (1, 1, False)
+    assert g.begin() == [] and g.parity == 0
+    g.injected()
+    assert g.end() == Sweep(1)
+
+    g = Generations()
+    g.counted({0, 1})  # a resync of a previous run was left unfinished
+    assert g.begin() == [Remark(1, 0)]
+
+    g = Generations()
+    g.injected()
+    assert g.begin() == [Remark(1, 0)]  # nothing counted: unknown, re-marked
+    g.emptied()  # a hand-over while master
+    assert g.begin() == [] and g.end() is None
 
 
 def test_preemption_hold_until_the_table_however_long_and_loudly() -> None:
