@@ -492,9 +492,11 @@ def test_event_filter_mark_values(name: str, mark: int, pid: int) -> None:
 
 
 # --- backup side, fused: build_records is build_entry/build_entry_delete of each record ---------
-def _reference(records: list[wire.Record], seq: int, how: T.Injection) -> tuple[list[bytes], list[int], int]:
+def _reference(records: list[wire.Record], seq: int, how: T.Injection,
+               sent: list[wire.Record] | None = None) -> tuple[list[bytes], list[int], int]:
     """What the applier built per decoded record before the fused path: (requests, kinds,
-    UPSERT_NEW records dropped by the cap)."""
+    UPSERT_NEW records dropped by the cap); ``sent`` collects the records built."""
+    sent = [] if sent is None else sent
     msgs: list[bytes] = []
     kinds: list[int] = []
     over = 0
@@ -505,6 +507,7 @@ def _reference(records: list[wire.Record], seq: int, how: T.Injection) -> tuple[
             if sc is None or (r.family in sc.families and r.zone in sc.zones):
                 msgs.append(T.build_entry_delete(r, seq + len(msgs)))
                 kinds.append(T.KIND_DELETE)
+                sent.append(r)
             continue
         assert isinstance(r, wire.Entry)
         if sc is not None and not (r.family in sc.families and r.zone in sc.zones and r.rzone in sc.zones
@@ -523,6 +526,7 @@ def _reference(records: list[wire.Record], seq: int, how: T.Injection) -> tuple[
         msgs.append(T.build_entry(r, seq + len(msgs), create=create, mark=r.mark & how.mark_and | how.mark_or,
                                   timeout=timeout, with_status=how.with_status or create))
         kinds.append(T.KIND_NEW if r.new else T.KIND_CREATE if create else T.KIND_UPDATE)
+        sent.append(r)
     return msgs, kinds, over
 
 
@@ -593,6 +597,85 @@ def test_build_records_is_the_per_record_builders(records: list[wire.Record], se
             break
         assert built.control == encodable[control]
         pos, upto = built.end, control + 1
+
+
+@st.composite
+def runs_of_one_shape(draw: st.DrawFn) -> list[wire.Record]:
+    """Records of one plain shape in a row (a burst, a dump), each field its own, sometimes
+    one mark without the replicated bit; or a row of plain deletes."""
+    family = draw(st.sampled_from([4, 6]))
+    proto = draw(st.sampled_from([6, 17, 132, 136]))
+    n = draw(st.integers(T.RUN_MIN - 2, 3 * T.RUN_MIN))
+    alen = 4 if family == 4 else 16
+    addr, port = st.binary(min_size=alen, max_size=alen), st.integers(0, 0xFFFF)
+    if draw(st.integers(0, 3)) == 0:
+        return [wire.Delete(family, proto, draw(addr), draw(addr), draw(port), draw(port), 0)
+                for _ in range(n)]
+    new, with_tcp = draw(st.booleans()), draw(st.booleans())
+    odd = draw(st.sampled_from([None, None, draw(st.integers(0, n - 1))]))
+    out: list[wire.Record] = []
+    for i in range(n):
+        src, dst, sp, dp = draw(addr), draw(addr), draw(port), draw(port)
+        mark = draw(st.integers(0, 0xFFFFFFFF)) | 1 << 30 | 1 << 31
+        if i == odd:
+            mark &= ~(1 << 30)
+        out.append(wire.Entry(new, family, proto, src, dst, sp, dp, 0, dst, src, dp, sp, 0,
+                              draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFFFFFF)), mark,
+                              draw(st.integers(1, 255)) if with_tcp else 0))
+    return out
+
+
+@st.composite
+def run_injections(draw: st.DrawFn) -> T.Injection:
+    """Injections that build runs as runs (a fixed timeout: the replica's, a re-mark's)."""
+    marks = policy.ReplicaMarks()
+    remark = draw(st.booleans())
+    scope = None if remark else policy.Scope(30, frozenset({0}), draw(st.sampled_from(
+        [frozenset({4, 6}), frozenset({4}), frozenset({6})])))
+    return T.Injection(*marks.replica_masks(draw(st.integers(0, 1))), draw(st.integers(1, 1 << 31)),
+                       None if remark else draw(st.sampled_from([None, 0, 5, 40, 1000])),
+                       draw(st.booleans()), scope, not remark)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(runs_of_one_shape() | stream_records().map(lambda r: [r]), min_size=1, max_size=5),
+       st.integers(0, 0xFFFFFFFF), run_injections() | injections())
+def test_runs_of_one_shape_are_the_per_record_builders(segments: list[list[wire.Record]], seq: int,
+                                                       how: T.Injection) -> None:
+    """A run of records of one shape is built from strided copies (``T._run_plan``): the
+    requests, kinds, offsets and refusals are those of the records built one by one, at any
+    seq (wrapping included), cap, scope and marks."""
+    records = [r for seg in segments for r in seg if isinstance(r, wire.Entry | wire.Delete)]
+    payload = b"".join(wire.encode_record(r) for r in records)
+    built = T.build_records(payload, 0, seq, how)
+    sent: list[wire.Record] = []
+    msgs, kinds, over = _reference(records, seq, how, sent)
+    assert built.msgs == msgs
+    assert list(built.kinds) == kinds and built.over_capacity == over
+    assert [wire.decode_record_at(payload, off)[0] for off in built.offsets] == sent
+    assert len(built.refused) + len(msgs) + over == len(records)
+
+
+def test_a_run_is_built_as_a_run_and_as_the_per_record_path() -> None:
+    """The run path is taken for a burst's datagram (so the property above tests it), and a
+    shape it cannot express (a per-entry timeout: the hand-over's) stays per record."""
+    marks = policy.ReplicaMarks()
+    a, b = bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])
+    recs = [wire.Entry(True, 4, 17, a, b, 40000 + i, 53, 0, b, a, 53, 40000 + i, 0, 0xE, 30, 1 << 30, 0)
+            for i in range(50)]
+    payload = b"".join(wire.encode_entry(e) for e in recs)
+    scope = policy.Scope(30, frozenset({0}), frozenset({4}))
+    how = T.Injection(*marks.replica_masks(1), 86400, 100, False, scope)
+    T._run_plans.clear()
+    built = T.build_records(payload, 0, 0xFFFFFFF0, how)  # the seq wraps inside the run
+    assert len(T._run_plans) == 1 and None not in T._run_plans.values()
+    assert built.msgs == [T.build_entry(e, (0xFFFFFFF0 + i) & 0xFFFFFFFF, create=True,
+                                        mark=marks.replica_mark(e.mark, 1), timeout=86400)
+                          for i, e in enumerate(recs)]
+    assert built.offsets == list(range(0, 50 * 24, 24)) and set(built.kinds) == {T.KIND_NEW}
+    T._run_plans.clear()
+    T.build_records(payload, 0, 0, how._replace(timeouts=lambda p, t, s: 30))
+    assert T._run_plans == {}
 
 
 def test_build_records_plain_tcp_is_pinned() -> None:
