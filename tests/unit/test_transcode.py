@@ -616,9 +616,9 @@ def runs_of_one_shape(draw: st.DrawFn) -> list[wire.Record]:
     out: list[wire.Record] = []
     for i in range(n):
         src, dst, sp, dp = draw(addr), draw(addr), draw(port), draw(port)
-        mark = draw(st.integers(0, 0xFFFFFFFF)) | 1 << 30 | 1 << 31
+        mark = draw(st.integers(0, 0xFFFFFFFF)) | 1 << 30 | 1 << 31 | 1  # every mark_bit drawn
         if i == odd:
-            mark &= ~(1 << 30)
+            mark &= ~(1 << 30 | 1 << 31 | 1)
         out.append(wire.Entry(new, family, proto, src, dst, sp, dp, 0, dst, src, dp, sp, 0,
                               draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFFFFFF)), mark,
                               draw(st.integers(1, 255)) if with_tcp else 0))
