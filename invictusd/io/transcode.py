@@ -1093,6 +1093,8 @@ def _run_length(payload: bytes, off: int, end: int, size: int) -> int:
     k = len(heads) - len(heads.lstrip(heads[:1]))
     protos = payload[off + 1 : off + 1 + k * size : size]
     return min(k, len(protos) - len(protos.lstrip(protos[:1])))
+
+
 _R_NEW: Final = wire.RecordType.UPSERT_NEW
 _R_UPSERT: Final = wire.RecordType.UPSERT
 _R_DELETE: Final = wire.RecordType.DELETE
