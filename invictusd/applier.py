@@ -494,13 +494,13 @@ class Applier:
         """Our replica's count and XOR of key hashes, taken at this point of the stream."""
         acc = [0, 0]
         parities: set[int] = set()
-        generation = self.marks.generation
+        parity = self.marks.parity
 
         def on_batch(batch: Batch) -> None:
             for e in self._entries(batch):
                 acc[0] += 1
                 acc[1] ^= wire.key_hash(e.family, e.proto, e.src, e.dst, e.sport, e.dport, e.zone)
-                parities.add(1 if e.mark & generation else 0)
+                parities.add(parity(e.mark))
 
         def done(scan: Scan) -> None:
             self.replica_entries = acc[0]  # the kernel's count is the truth
@@ -520,7 +520,7 @@ class Applier:
         in the kernel; none after a reboot, and then no resync re-marks or sweeps)."""
         acc = [0]
         parities: set[int] = set()
-        generation = self.marks.generation
+        parity = self.marks.parity
 
         def on_batch(batch: Batch) -> None:
             acc[0] += len(batch.records)
@@ -528,7 +528,7 @@ class Applier:
                 for rec in batch.records:
                     mark = wire.entry_mark(rec)
                     if mark is not None:
-                        parities.add(1 if mark & generation else 0)
+                        parities.add(parity(mark))
 
         def done(scan: Scan) -> None:
             self.replica_entries = acc[0]

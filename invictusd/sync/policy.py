@@ -66,6 +66,10 @@ class ReplicaMarks:
         m_and, m_or = self.replica_masks(parity)
         return mark & m_and | m_or
 
+    def parity(self, mark: int) -> int:
+        """The resync generation a replica entry's ``mark`` says it was last refreshed by."""
+        return 1 if mark & self.generation else 0
+
     def own_mark(self, mark: int) -> int:
         m_and, m_or = self.own_masks()
         return mark & m_and | m_or
