@@ -53,8 +53,8 @@ from invictusd.sync.policy import (
     handover_timeout,
 )
 from invictusd.sync.receiver import ReceiverConfig
+from invictusd.sync.sender import COALESCE_CAPACITY, SenderConfig
 from invictusd.sync.sender import Phase as SenderPhase
-from invictusd.sync.sender import SenderConfig
 from invictusd.sync.session import SessionConfig, SessionEventKind, SyncSession
 from invictusd.sync.wire import Entry, RequestReason
 
@@ -192,10 +192,14 @@ class Replication:
             self.log.info("nf_conntrack_events set to 1", previous=previous)
 
         ours, theirs = node_ids(local, peer)
+        capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
+        # A burst may run ahead of the peer by as many records as our table holds entries
+        # (~30 bytes each while they wait) before a resync is cheaper than the backlog.
+        sender = SenderConfig(flush_delay=self.sync.flush_ms / 1000,
+                              backlog_capacity=max(COALESCE_CAPACITY, capacity))
         self.session = SyncSession(
             SessionConfig(node_id=ours, key=self.sync.key, peer_node_id=theirs,
-                          sender=SenderConfig(flush_delay=self.sync.flush_ms / 1000),
-                          receiver=ReceiverConfig()),
+                          sender=sender, receiver=ReceiverConfig()),
             epoch=self._epoch, now=now)
         self.session.link_changed(self._link_up, now)
         self.sock = SyncSocket(self.sync.interface, local, peer, self.sync.port)
@@ -208,7 +212,6 @@ class Replication:
         self.events = EventSocket(
             rcvbuf_bytes=self.sync.rcvbuf_mb << 20, mark_bit=self.sync.mark_bit, subscribe=False,
             program=event_filter(self.sync.mark_bit, self.marks.ours, self.injector.port_id))
-        capacity = self.sync.max_replica_entries or max(1, _read_int(CT_MAX_SYSCTL, 1 << 20) * 9 // 10)
         self.applier = Applier(self.session, self.injector, self.marks, self.scope, self._all,
                                replica_timeout=self.sync.replica_timeout, capacity=capacity,
                                master=lambda: self.master, progress=self._pump, log=self.log,

@@ -4,9 +4,12 @@ Only the master sends its table (``Phase.SILENT`` otherwise): ownership follows 
 state, so a backup never announces what it holds for the peer. Records arrive already
 encoded (``invictusd.io.transcode`` turns conntrack events into wire records); the sender
 packs them into datagrams, numbers them, keeps every unacknowledged datagram (``InFlight``)
-and resends on NACK or timeout. When the window is full, records wait in a backlog where
-they coalesce per entry (the latest state of an entry is what is sent); a backlog over its
-capacity gives up on incremental replication: the adapter is asked for a resync.
+and resends on NACK or timeout. When the window is full, records wait in a backlog: the
+first ``coalesce_capacity`` of them coalesce per entry (the latest state of an entry is what
+is sent); past that, a burst's records queue packed in arrival order (``Spill``: ~30 bytes a
+record, so a backup that falls a million records behind costs tens of MB, not a resync). A
+backlog over ``backlog_capacity`` records gives up on incremental replication: the adapter is
+asked for a resync.
 
 A resync is the whole table again: ``begin_resync`` (drops everything in flight and in the
 backlog, a SYNC_POINT datagram starting with RESYNC_BEGIN), the adapter streams the kernel
@@ -17,6 +20,8 @@ then ``end_resync``. Event records interleave as usual.
 from __future__ import annotations
 
 import enum
+from array import array
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ from invictusd.sync.wire import (
 
 _HALF = 1 << 31
 MAX_NACK_RANGES = 64
+COALESCE_CAPACITY = 65_536  # records coalesced per entry while they wait, by default
 _BULK_QUEUE = 256  # dump records queued ahead of the datagrams at most
 RESYNC_END_TYPE = int(wire.RecordType.RESYNC_END)
 
@@ -66,7 +72,8 @@ class SenderConfig:
     max_resend_timeout: float = 2.0
     resend_burst: int = 32  # datagrams resent per timeout
     window: int = 512  # datagrams in flight
-    backlog_capacity: int = 65_536  # coalesced records waiting for the window
+    backlog_capacity: int = COALESCE_CAPACITY  # records waiting for the window, at most (then: a resync)
+    coalesce_capacity: int = COALESCE_CAPACITY  # of which coalesced per entry; the rest queue packed
 
 
 @dataclass(slots=True)
@@ -94,6 +101,51 @@ def extend_seq(wire_seq: int, ref: int) -> int:
 
 
 @dataclass(slots=True)
+class Spill:
+    """Records past the coalescing backlog, packed in arrival order: each chunk is one
+    ``records`` call's records joined, with the end offset of each record, so a datagram
+    takes as many as fit in one slice (no per-record work on the way out)."""
+
+    chunks: deque[tuple[bytes, array[int]]] = field(default_factory=deque)
+    head: int = 0  # records of chunks[0] already taken
+    records: int = 0
+
+    def __len__(self) -> int:
+        return self.records
+
+    def append(self, records: Sequence[bytes]) -> None:
+        ends = array("I")
+        total = 0
+        for r in records:
+            total += len(r)
+            ends.append(total)
+        self.chunks.append((b"".join(records), ends))
+        self.records += len(records)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.head = self.records = 0
+
+    def fill(self, b: DatagramBuilder) -> bool:
+        """Move records into ``b`` until it is full (True) or the spill is empty (False)."""
+        chunks = self.chunks
+        while chunks:
+            data, ends = chunks[0]
+            head = self.head
+            start = ends[head - 1] if head else 0
+            stop = bisect_right(ends, start + b.room, head)
+            if stop > head:
+                b.add_packed(data[start:ends[stop - 1]], stop - head)
+                self.records -= stop - head
+            if stop < len(ends):
+                self.head = stop
+                return True
+            chunks.popleft()
+            self.head = 0
+        return False
+
+
+@dataclass(slots=True)
 class Sender:
     config: SenderConfig
     phase: Phase = Phase.SILENT
@@ -101,6 +153,7 @@ class Sender:
     next_seq: int = 1
     inflight: deque[InFlight] = field(default_factory=deque)
     backlog: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)
+    spill: Spill = field(default_factory=Spill)  # queued after ``backlog``, sent after it
     resync_gen: int = 0
     resync_entries: int = 0
     resync_reason: str = ""
@@ -154,7 +207,7 @@ class Sender:
         if not self.active or self.phase is Phase.RESYNC_PENDING:
             return  # a resync will send the state anyway
         self.counters.records += len(records)
-        if self.backlog or len(self.inflight) >= self.config.window:
+        if self.backlog or self.spill or len(self.inflight) >= self.config.window:
             self._to_backlog(records, keys)
         else:
             self._pending.extend(records)
@@ -177,7 +230,7 @@ class Sender:
         """Whether more dump records may be given now: the window has room and what was
         given before has gone into datagrams (the dump waits in the kernel meanwhile)."""
         return (self.phase is Phase.RESYNCING and len(self.inflight) < self.config.window
-                and not self.backlog and len(self._pending) < _BULK_QUEUE)
+                and not self.backlog and not self.spill and len(self._pending) < _BULK_QUEUE)
 
     def bulk(self, records: Sequence[bytes]) -> None:
         if self.phase is not Phase.RESYNCING:
@@ -323,7 +376,7 @@ class Sender:
 
     @property
     def idle(self) -> bool:
-        return not (self.inflight or self.backlog or self._builder or self._pending
+        return not (self.inflight or self.backlog or self.spill or self._builder or self._pending
                     or self.phase in (Phase.RESYNC_PENDING, Phase.RESYNCING))
 
     @property
@@ -338,23 +391,35 @@ class Sender:
         self._end_pending = False
         self.inflight.clear()
         self.backlog.clear()
+        self.spill.clear()
         self._builder.clear()
         self._pending.clear()
         self._flush_at = None
         self.srtt, self.rttvar = None, 0.0  # a new stream, perhaps a new peer
         self.rto = self.config.resend_timeout
 
+    @property
+    def queued(self) -> int:
+        """Records waiting for the window (coalesced and packed)."""
+        return len(self.backlog) + len(self.spill)
+
     def _to_backlog(self, records: Sequence[bytes], keys: Sequence[bytes]) -> None:
-        backlog = self.backlog
-        before = len(backlog)
-        for k, r in zip(keys, records, strict=True):
-            if k in backlog:
-                backlog.move_to_end(k)
-            backlog[k] = r
-        self.counters.coalesced += len(records) - (len(backlog) - before)
-        if len(backlog) > self.config.backlog_capacity:
+        backlog, spill = self.backlog, self.spill
+        if spill or len(backlog) + len(records) > self.config.coalesce_capacity:
+            # Once records queue packed, every later one queues behind them: an entry's
+            # newer record must never be sent before an older one still waiting.
+            spill.append(records)
+        else:
+            before = len(backlog)
+            for k, r in zip(keys, records, strict=True):
+                if k in backlog:
+                    backlog.move_to_end(k)
+                backlog[k] = r
+            self.counters.coalesced += len(records) - (len(backlog) - before)
+        if len(backlog) + len(spill) > self.config.backlog_capacity:
             self.counters.backlog_overflows += 1
-            self.backlog.clear()
+            backlog.clear()
+            spill.clear()
             self.phase = Phase.RESYNC_PENDING
             self.resync_wanted = f"backlog over {self.config.backlog_capacity} records"
 
@@ -373,7 +438,7 @@ class Sender:
                 backlog[k] = r
                 backlog.move_to_end(k, last=False)
                 return True
-        return False
+        return self.spill.fill(b)
 
     def _send(self, now: float, header: Header, key: bytes, out: list[bytes]) -> None:
         seq = self.next_seq

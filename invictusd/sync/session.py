@@ -84,6 +84,7 @@ class SessionConfig:
         need(s.max_resend_timeout >= s.resend_timeout, "sender.max_resend_timeout", "< resend_timeout")
         for name, n in (("sender.window", s.window), ("sender.resend_burst", s.resend_burst),
                         ("sender.backlog_capacity", s.backlog_capacity),
+                        ("sender.coalesce_capacity", s.coalesce_capacity),
                         ("receiver.reorder_capacity", r.reorder_capacity),
                         ("receiver.ack_every", r.ack_every), ("receiver.apply_slack", r.apply_slack)):
             need(n >= 1, name, f"{n} < 1")
@@ -197,7 +198,7 @@ class SyncSession:
             "sending": s.phase.value,
             "receiving": r.phase.value,
             "synced": r.synced,
-            "queue_depth": len(s.backlog),
+            "queue_depth": s.queued,
             "inflight": len(s.inflight),
             "lag": 0.0 if lag is None else round(self._now - lag, 4),
             "rtt": s.srtt,

@@ -439,9 +439,21 @@ class DatagramBuilder:
         self.count += 1
         return True
 
+    def add_packed(self, records: bytes, count: int) -> None:
+        """Add ``count`` records already joined; the caller checked they fit (``room``)."""
+        if self._size + len(records) > self.capacity:
+            raise EncodeError("records", f"{len(records)} bytes do not fit in {self.room}")
+        self._parts.append(records)
+        self._size += len(records)
+        self.count += count
+
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self._size
 
     def __bool__(self) -> bool:
         return self.count > 0
