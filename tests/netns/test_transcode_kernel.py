@@ -432,3 +432,73 @@ def test_round_trip_through_records(two_ns: tuple[str, str]) -> None:
     again = in_netns(b, _backup, dumped)
     assert all(err == 0 for _, err in again["outcomes"]), again["outcomes"]
     assert sorted(_comparable(parse_cli(x), False) for x in again["cli"]) == a_rep
+
+
+# --- runs: a burst's events and a dump, transcoded across messages ---------------------------------
+def _burst_scenario() -> dict[str, Any]:
+    """Namespace A: 300 + 40 + 40 entries of three layouts (plain TCP, SNAT'd TCP, IPv6 UDP),
+    made group by group as a burst makes them; the events read as the master reads them (many
+    datagrams to a buffer, 4-aligned) and a dump."""
+    enable_events()
+    ev = event_socket()
+    inj = nl_socket()
+    attach_filter(ev, T.event_filter(MARK_BIT, REPLICA, 0))
+    acks = []
+    seq = 1000
+    for i in range(300):
+        f = plain(tcp("10.2.0.1", "10.0.0.2", 20000 + i, 80), status=EST, timeout=300, mark=MARK | 0x100,
+                  tcp_state=F.TCP_ESTABLISHED)
+        seq += 1
+        acks.append(request(inj, ct.build_create(f, seq)))
+    for i in range(40):
+        f = Flow(tcp("192.168.5.10", "10.0.0.2", 30000 + i, 80), tcp("10.0.0.2", "10.9.9.9", 80, 50000 + i),
+                 0, EST | F.IPS_SRC_NAT | F.IPS_SRC_NAT_DONE, 300, MARK, F.TCP_ESTABLISHED)
+        seq += 1
+        acks.append(request(inj, ct.build_create(f, seq)))
+    for i in range(40):
+        f = plain(FlowKey(6, 17, V6(f"fd00::{i + 1:x}"), V6("fd00::2"), 5000 + i, 53),
+                  status=F.IPS_SEEN_REPLY, timeout=60, mark=MARK)
+        seq += 1
+        acks.append(request(inj, ct.build_create(f, seq)))
+    buf = bytearray()
+    for d in drain(ev):
+        buf += d + bytes(-len(d) % 4)
+    dumps = []
+    # All of them (in the hash table's order: the layouts mixed), then one layout alone.
+    for mark, mask in ((MARK, MARK), (MARK | 0x100, 0xFFFFFFFF)):
+        with nl_socket(16 << 20) as s:
+            s.send(ct.build_dump_request(3, ct.AF_UNSPEC, mark, mask))
+            dump = []
+            while True:
+                chunk = s.recv(1 << 20)
+                dump.append(chunk)
+                if T.EventTranscoder(MARK_BIT, REPLICA).transcode(chunk, len(chunk), dump=True).done:
+                    break
+        dumps.append(dump)
+    return {"acks": acks, "events": bytes(buf), "dumps": dumps}
+
+
+def test_runs_of_real_events_and_dumps_are_the_per_message_path(two_ns: tuple[str, str]) -> None:
+    res = in_netns(two_ns[0], _burst_scenario)
+    assert all(err == 0 for err in res["acks"]), res["acks"]
+    buf = res["events"]
+    tr = T.EventTranscoder(MARK_BIT, REPLICA)
+    got = tr.transcode(buf, len(buf))
+    want = T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf), runs=False)
+    assert got == want
+    assert len(got.records) == 380
+    assert tr.in_runs >= 370  # each layout's first message teaches it: the rest in 3 runs
+    nat = [r for r in wire.decode_records(b"".join(got.records))
+           if isinstance(r, wire.Entry) and r.is_nat]
+    assert len(nat) == 40
+    # A dump comes in chunks of the kernel's choosing (4-32 KB), runs within each.
+    # The dumps, as the bulk reads them (chunks, one transcoder throughout).
+    for dump, entries in zip(res["dumps"], (380, 300), strict=True):
+        tr = T.EventTranscoder(MARK_BIT, REPLICA)
+        dumped = [tr.transcode(c, len(c), dump=True) for c in dump]
+        plain_dump = [T.EventTranscoder(MARK_BIT, REPLICA).transcode(c, len(c), dump=True, runs=False)
+                      for c in dump]
+        assert [b.records for b in dumped] == [b.records for b in plain_dump]
+        assert [b.keys for b in dumped] == [b.keys for b in plain_dump]
+        assert sum(len(b.records) for b in dumped) == entries
+    assert tr.in_runs >= T.EVENT_RUN_MIN  # one layout alone: a run

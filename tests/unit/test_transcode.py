@@ -317,6 +317,135 @@ def test_fuzz_header_words_agree_with_generic(name: str, pos: int, word: int) ->
         check_same(TR_WARM, bytes(buf))
 
 
+# --- master side: runs of one layout ----------------------------------------------------------
+def _run_plan_of(msg: bytes) -> T._EventRun | None:
+    mlen, mtype, mflags, _seq, _pid = struct.unpack_from("=IHHII", msg, 0)
+    lay = T.compile_layout(msg, 0, mlen, mtype, mflags)
+    return None if lay is None else lay[15]
+
+
+_RUN_NAMES = sorted(n for n, m in ALL_CT.items() if _run_plan_of(m) is not None)
+_MARKS = (MARK, MARK | 0x10, MARK | REPLICA, 0x10, MARK | 0x80000000)
+
+
+def _padded(msg: bytes) -> bytearray:
+    return bytearray(msg + bytes(-len(msg) % 4))
+
+
+# Per message: which change (0 none, 1 new tuple, 2 NAT'd reply, 3 plain reply, 4 mark,
+# 5 status and timeout, 6 one random byte anywhere), a value, a position.
+_change = st.tuples(st.integers(0, 6), st.integers(0, 1 << 32), st.integers(0, 400))
+
+
+def _varied(name: str, changes: list[tuple[int, int, int]]) -> bytes:
+    """Copies of capture ``name`` with their values changed the way a burst's differ (and,
+    now and then, in ways that must break a run: a NAT among plain entries, another mark,
+    a header byte)."""
+    base = _padded(ALL_CT[name])
+    plan = _run_plan_of(ALL_CT[name])
+    assert plan is not None
+    out = bytearray()
+    for n, (what, value, pos) in enumerate(changes):
+        m = bytearray(base)
+        if what in (1, 2, 3):  # a new original tuple (and its reply: plain or NAT)
+            for i, (_r, rel) in enumerate(plan.key):
+                m[rel] = (value >> (i % 24) ^ n ^ i) & 0xFF
+            for x, y in plan.inverse:
+                m[x] = m[y]
+            if what == 2:
+                x = plan.inverse[pos % len(plan.inverse)][0]
+                m[x] ^= 1 + value % 255
+        elif what == 4:
+            struct.pack_into(">I", m, plan.mark, _MARKS[value % len(_MARKS)])
+        elif what == 5:  # status and timeout, and the TCP state (0 now and then: not sent)
+            for _r, rel in plan.forms[False, plan.tcp >= 0].copy[-7:]:
+                m[rel] = (value >> (rel % 24)) & 0xFF
+        elif what == 6 and pos < len(m):
+            m[pos] = value & 0xFF
+        out += m
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_RUN_NAMES), st.lists(_change, min_size=1, max_size=40),
+       st.sampled_from(_RUN_NAMES), st.lists(_change, max_size=12), st.booleans())
+def test_runs_of_one_layout_are_the_per_message_path(name: str, changes: list[tuple[int, int, int]],
+                                                     other: str, tail: list[tuple[int, int, int]],
+                                                     dump: bool) -> None:
+    """The master's runs (strided copies across messages of one layout) are byte-equal to
+    transcoding message by message, which the generic walk holds in turn."""
+    buf = _varied(name, changes) + (_varied(other, tail) if tail else b"")
+    with no_hang(5, "transcode"):
+        try:
+            want = T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf), dump=dump, runs=False)
+        except ct.NetlinkError:
+            with pytest.raises(ct.NetlinkError):
+                T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf), dump=dump)
+            return
+        for tr in (T.EventTranscoder(MARK_BIT, REPLICA), TR_WARM):
+            got = tr.transcode(buf, len(buf), dump=dump)
+            assert got == want
+    check_same(T.EventTranscoder(MARK_BIT, REPLICA), buf, dump)
+
+
+@pytest.mark.parametrize("name", ["cap_nl_tcp_new", "cap_pkt_udp_snat_new", "cap_nl_tcp6_new"])
+def test_any_header_byte_changed_inside_a_run_is_seen(name: str) -> None:
+    """Every byte a layout's check covers, changed in the middle of a run, gives what the
+    per-message path gives (another layout, the generic walk, or an error)."""
+    plan = _run_plan_of(ALL_CT[name])
+    assert plan is not None
+    tried = 0
+    for pos in plan.checks:
+        if pos < 8:
+            continue  # length, type, flags: a different run key altogether
+        for val in (0x00, 0x01, 0x02, 0x80, 0xFF):
+            changes = [(1, 7 * i + 3, 0) for i in range(20)]
+            changes[10] = (6, val, pos)
+            buf = _varied(name, changes)
+            try:
+                want = T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf), runs=False)
+            except ct.NetlinkError:
+                with pytest.raises(ct.NetlinkError):
+                    T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf))
+                continue
+            assert T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf)) == want, (pos, val)
+            tried += 1
+    assert tried > 100
+
+
+def test_a_run_is_transcoded_as_a_run_plain_and_nat() -> None:
+    """Uniform runs take the strided path (one per run, counted as fast), NAT and plain
+    alike; a run mixing them goes message by message, with the same records."""
+    for name in ("cap_nl_tcp_new", "cap_pkt_udp_new", "cap_nl_snat_new", "cap_pkt_udp_snat_new",
+                 "cap_nl_tcp6_new"):
+        kind = 2 if "snat" in name else 1  # new tuples, NAT'd or plain
+        buf = _varied(name, [(kind, 7 * i + 3, 0) for i in range(40)])
+        plan = _run_plan_of(ALL_CT[name])
+        assert plan is not None
+        tr = T.EventTranscoder(MARK_BIT, REPLICA)
+        tr.transcode(buf, len(buf))  # learns the layout on the first message
+        calls = 0
+        real = T._event_run
+
+        def counting(*a: Any, real: Any = real) -> Any:
+            nonlocal calls
+            calls += 1
+            return real(*a)
+
+        T._event_run = counting  # type: ignore[assignment]
+        try:
+            got = tr.transcode(buf, len(buf))
+        finally:
+            T._event_run = real  # type: ignore[assignment]
+        assert calls == 1 and len(got.records) == 40, name
+        assert got == T.EventTranscoder(MARK_BIT, REPLICA).transcode(buf, len(buf), runs=False)
+        nat = bool(wire.decode_records(got.records[0])[0].is_nat)  # type: ignore[union-attr]
+        assert nat == ("snat" in name)
+        # One NAT'd entry among plain ones (or the reverse) breaks uniformity, not the records.
+        mixed = _varied(name, [(kind, 7 * i + 3, 0) for i in range(39)] + [(3 - kind, 5, 1)])
+        assert tr.transcode(mixed, len(mixed)) == tr.transcode(mixed, len(mixed), runs=False)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_fuzz_random_bytes(data: bytes) -> None:
