@@ -1330,8 +1330,9 @@ def _build_records(payload: bytes, start: int, seq: int, how: Injection, runs: b
     tcp_cache: dict[int, bytes] = {}
     off, end = start, len(payload)
     seq &= 0xFFFFFFFF
-    # Runs (see _run_plan): with a fixed timeout only; not again inside a run found too short.
-    runs = runs and timeouts is None and fixed_timeout != 0
+    # Runs (see _run_plan): with a fixed timeout, or per-state timeouts (a hand-over) over a
+    # run whose records share their state; not again inside a run found too short.
+    runs = runs and (timeouts is not None or fixed_timeout != 0)
     no_run_before = 0
     # The mark byte holding the replicated bit (the mark ends a plain record, before the TCP
     # state), and the bit in it.
@@ -1351,13 +1352,26 @@ def _build_records(payload: bytes, start: int, seq: int, how: Injection, runs: b
                     new = rt == _R_NEW
                     create = new or create_first
                     run = None
-                    if k >= RUN_MIN and plain_ok[plan.v6] and not (capped and create and left < k):
+                    run_timeout = fixed_timeout
+                    if timeouts is not None and k >= RUN_MIN:
+                        # The timeout follows (proto, tcp_state, status): the run is the
+                        # records that share the first one's.
+                        at = off + size - plan.has_tcp - 10  # status: before timeout and mark
+                        last = off + k * size
+                        for rel in (at, at + 1, off + size - 1) if plan.has_tcp else (at, at + 1):
+                            k = min(k, _prefix(payload[rel:last:size], payload[rel]))
+                        if k >= RUN_MIN:  # (a timeout of 0 would mean the record's own: per record)
+                            st0 = payload[at] << 8 | payload[at + 1]
+                            k3 = (payload[off + 1], payload[off + size - 1] if plan.has_tcp else 0, st0)
+                            run_timeout = timeout_memo.get(k3) or timeout_memo.setdefault(k3, timeouts(*k3))
+                    if (k >= RUN_MIN and run_timeout > 0 and plain_ok[plan.v6]
+                            and not (capped and create and left < k)):
                         at = off + size - plan.has_tcp + mark_byte
                         # Every mark has the replicated bit (else: record by record).
                         if not byte_bit or not payload[at : off + k * size : size].translate(
                                 None, _WITH_BIT[byte_bit]):
                             run = _run_plan(b0, payload[off + 1], size, create, with_status or create,
-                                            mark_and, mark_or, fixed_timeout)
+                                            mark_and, mark_or, run_timeout)
                     if run is None:
                         no_run_before = off + max(k, 1) * size
                     else:

@@ -742,22 +742,36 @@ def runs_of_one_shape(draw: st.DrawFn) -> list[wire.Record]:
                 for _ in range(n)]
     new, with_tcp = draw(st.booleans()), draw(st.booleans())
     odd = draw(st.sampled_from([None, None, draw(st.integers(0, n - 1))]))
+    # A hand-over's timeout follows the state: a dump of established flows shares it, but
+    # for one entry now and then.
+    state = draw(st.sampled_from([None, (draw(st.integers(0, 0xFFFF)), draw(st.integers(1, 255)))]))
+    other = draw(st.sampled_from([None, draw(st.integers(0, n - 1))]))
     out: list[wire.Record] = []
     for i in range(n):
         src, dst, sp, dp = draw(addr), draw(addr), draw(port), draw(port)
         mark = draw(st.integers(0, 0xFFFFFFFF)) | 1 << 30 | 1 << 31 | 1  # every mark_bit drawn
         if i == odd:
             mark &= ~(1 << 30 | 1 << 31 | 1)
+        status, tcp = state if state is not None and i != other else (
+            draw(st.integers(0, 0xFFFF)), draw(st.integers(1, 255)))
         out.append(wire.Entry(new, family, proto, src, dst, sp, dp, 0, dst, src, dp, sp, 0,
-                              draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFFFFFF)), mark,
-                              draw(st.integers(1, 255)) if with_tcp else 0))
+                              status, draw(st.integers(0, 0xFFFFFFFF)), mark, tcp if with_tcp else 0))
     return out
+
+
+def _handover_timeouts(proto: int, tcp: int, status: int) -> int:
+    return policy.handover_timeout(proto, tcp, status, {"nf_conntrack_tcp_timeout_established": 7,
+                                                        "nf_conntrack_udp_timeout": 3})
 
 
 @st.composite
 def run_injections(draw: st.DrawFn) -> T.Injection:
-    """Injections that build runs as runs (a fixed timeout: the replica's, a re-mark's)."""
+    """Injections that build runs as runs (a fixed timeout: the replica's, a re-mark's; or
+    the hand-over's per-state timeouts)."""
     marks = policy.ReplicaMarks()
+    if draw(st.booleans()):  # the hand-over: our own kernel's entries, made ours
+        return T.Injection(*marks.own_masks(), 0, None, False, None, with_status=False,
+                           timeouts=_handover_timeouts)
     remark = draw(st.booleans())
     scope = None if remark else policy.Scope(30, frozenset({0}), draw(st.sampled_from(
         [frozenset({4, 6}), frozenset({4}), frozenset({6})])))
@@ -786,8 +800,8 @@ def test_runs_of_one_shape_are_the_per_record_builders(segments: list[list[wire.
 
 
 def test_a_run_is_built_as_a_run_and_as_the_per_record_path() -> None:
-    """The run path is taken for a burst's datagram (so the property above tests it), and a
-    shape it cannot express (a per-entry timeout: the hand-over's) stays per record."""
+    """The run path is taken for a burst's datagram (so the property above tests it), and
+    for a hand-over's records while they share the state its timeout follows."""
     marks = policy.ReplicaMarks()
     a, b = bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])
     recs = [wire.Entry(True, 4, 17, a, b, 40000 + i, 53, 0, b, a, 53, 40000 + i, 0, 0xE, 30, 1 << 30, 0)
@@ -802,9 +816,15 @@ def test_a_run_is_built_as_a_run_and_as_the_per_record_path() -> None:
                                         mark=marks.replica_mark(e.mark, 1), timeout=86400)
                           for i, e in enumerate(recs)]
     assert built.offsets == list(range(0, 50 * 24, 24)) and set(built.kinds) == {T.KIND_NEW}
+    # The hand-over: a timeout per (proto, TCP state, status), one run while they agree.
     T._run_plans.clear()
-    T.build_records(payload, 0, 0, how._replace(timeouts=lambda p, t, s: 30))
-    assert T._run_plans == {}
+    handover = T.Injection(*marks.own_masks(), 0, None, False, None, with_status=False,
+                           timeouts=lambda p, t, s: 30 if s == 0xE else 60)
+    odd = [*recs[:25], recs[25]._replace(status=0xA), *recs[26:]]
+    built = T.build_records(b"".join(wire.encode_entry(e) for e in odd), 0, 5, handover)
+    assert built.msgs == [T.build_entry(e, 5 + i, create=True, mark=e.mark, timeout=30 if i != 25 else 60,
+                                        with_status=True) for i, e in enumerate(odd)]
+    assert list(T._run_plans) and all(key[-1] == 30 for key in T._run_plans)  # 2 runs, 1 record
 
 
 def test_build_records_plain_tcp_is_pinned() -> None:
