@@ -54,7 +54,8 @@ RSS_LEAK_KIB_S = 1.0  # 3.5 MiB an hour: what is left for a true leak
 # free lists, pyroute2's request caches) measured at ~150 KiB on 600 s runs.
 HEAP_GROWTH_MAX_KIB = 512.0
 # What a daemon holds in flight, at most, above its heap at rest: by design the master's
-# backlog (65,536 coalesced records, ~13 MB) and window (512 datagrams), the backup's queue
+# backlog (65,536 coalesced records, ~13 MB; records packed behind them only while a burst
+# outruns the peer, which the soak's steady rate never does) and window (512 datagrams), the backup's queue
 # (apply_slack + window = 1536 datagrams as bytes, ~2 MB, 64 of them decoded).
 INFLIGHT_MAX_MIB = 24.0
 

@@ -9,16 +9,12 @@ of an entry overtake a newer one.
 
 from __future__ import annotations
 
-import os
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invictusd.sync import wire
 from invictusd.sync.sender import Phase, Sender, SenderConfig, Spill
-
-KEY = os.urandom(32)
-HEADER = wire.Header(wire.DatagramType.DATA, 1, 5, 6)
+from tests.unit.test_sync_sender_rto import HEADER, KEY, _streaming
 
 
 def _record(key: int, version: int) -> bytes:
@@ -27,17 +23,6 @@ def _record(key: int, version: int) -> bytes:
     return wire.encode_entry(wire.Entry(False, 4, 17, a, bytes([10, 2, 0, 1]), 1024 + key, 53, 0,
                                         bytes([10, 2, 0, 1]), a, 53, 1024 + key, 0, 8,
                                         100 + version, 1 << 30, 0))
-
-
-def _streaming(cfg: SenderConfig) -> tuple[Sender, list[bytes]]:
-    s = Sender(cfg)
-    s.activate("test")
-    s.begin_resync(0.0)
-    s.end_resync(0.0)
-    out: list[bytes] = []
-    s.pump(0.0, HEADER, KEY, out)
-    s.acked(s.next_seq - 1, 0.001)
-    return s, out
 
 
 def _entries(datagrams: list[bytes]) -> list[tuple[int, int]]:
@@ -67,9 +52,9 @@ batches = st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=60), min_si
        acks=st.lists(st.booleans(), min_size=1, max_size=40))
 def test_every_entry_ends_at_its_latest_record_and_none_goes_back(
         batches: list[list[int]], coalesce: int, window: int, acks: list[bool]) -> None:
-    s, out = _streaming(SenderConfig(window=window, coalesce_capacity=coalesce,
-                                     backlog_capacity=10_000))
-    start = len(out)
+    s = _streaming(SenderConfig(window=window, coalesce_capacity=coalesce, backlog_capacity=10_000))
+    out: list[bytes] = []
+    start = 0
     version: dict[int, int] = {}
     for n, batch in enumerate(batches):
         recs, keys = [], []
@@ -92,8 +77,9 @@ def test_every_entry_ends_at_its_latest_record_and_none_goes_back(
 
 
 def test_a_burst_past_the_coalescing_backlog_queues_packed_without_a_resync() -> None:
-    s, out = _streaming(SenderConfig(window=2, coalesce_capacity=100, backlog_capacity=5000))
-    start = len(out)
+    s = _streaming(SenderConfig(window=2, coalesce_capacity=100, backlog_capacity=5000))
+    out: list[bytes] = []
+    start = 0
     for i in range(0, 4000, 200):
         ks = range(i, i + 200)
         s.records([_record(k & 0xFFFF, 1) for k in ks], [k.to_bytes(4, "big") for k in ks])
@@ -109,7 +95,8 @@ def test_a_burst_past_the_coalescing_backlog_queues_packed_without_a_resync() ->
 
 
 def test_a_backlog_over_its_capacity_asks_for_a_resync_and_drops_what_waited() -> None:
-    s, out = _streaming(SenderConfig(window=1, coalesce_capacity=10, backlog_capacity=300))
+    s = _streaming(SenderConfig(window=1, coalesce_capacity=10, backlog_capacity=300))
+    out: list[bytes] = []
     for i in range(0, 400, 50):
         ks = range(i, i + 50)
         s.records([_record(k, 1) for k in ks], [k.to_bytes(2, "big") for k in ks])
