@@ -8,7 +8,8 @@ Pure: no sockets, no asyncio. Three parts:
   layout is *compiled*: one ``struct.Struct`` that reads every attribute header of that
   layout (plus the protocol numbers) for a single tuple comparison, one that reads the
   fields a record needs, and the record structs to pack them into. Later messages of that
-  layout are two unpacks and one or two packs. A message whose headers differ from every
+  layout are two unpacks and one or two packs; a run of them is transcoded by strided
+  copies across the messages (``_event_run``). A message whose headers differ from every
   layout cached for its (length, type, flags) takes the generic walk, so correctness never
   depends on the cache; the cache is bounded.
 * **Backup side** (``build_entry``, ``build_entry_delete``): ``wire.Entry``/``wire.Delete``
@@ -702,10 +703,11 @@ _SKIPPED: Final = 1
 # --- master side: runs -----------------------------------------------------------------------
 # A burst, a bulk or a dump reaches the master as long runs of messages of one layout
 # (the same length, type, flags and attribute headers: only the values differ). For the
-# plain entry ops every record byte and key byte is a constant or a copy of one message
-# byte, so a run of k messages is transcoded with one strided slice per record byte, after
-# column checks that every message of the run takes the plain form with the same mark.
-# A run that does not (NAT among them, marks that differ) goes message by message.
+# plain-ports entry ops every record byte and key byte is a constant or a copy of one
+# message byte, so a run of k messages is transcoded with one strided slice per record
+# byte, after column checks that every message of the run has the first one's headers and
+# mark, and its record form (plain or NAT, a TCP state or none). The longest such prefix
+# is taken; what does not form one goes message by message (``_event_run``).
 EVENT_RUN_MIN: Final = 32  # messages; below it the per-message path costs about the same
 EVENT_RUN_WAIT_MAX: Final = 1024  # messages, at most, between tries in a stream of mixed shapes
 
