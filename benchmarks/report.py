@@ -607,7 +607,7 @@ def update_readme(readme: Path, md: str, out: Path) -> None:
     rel = os.path.relpath(out, readme.parent)
     body = md.replace("](throughput.png)", f"]({rel}/throughput.png)").replace(
         "](failover.png)", f"]({rel}/failover.png)")
-    section = (f"{MARK_START}\n## Benchmarks\n\n`python3 -m benchmarks.run` (full, ~45 min; "
+    section = (f"{MARK_START}\n## Benchmarks\n\n`python3 -m benchmarks.run` (full, ~20 min; "
                f"`--quick` ~10 min; see benchmarks/README.md).\n\n{body}\n{MARK_END}")
     text = readme.read_text()
     if MARK_START in text and MARK_END in text:

@@ -6,7 +6,7 @@ and PNG plots to ``--out`` (default ``benchmarks/results``) and the tables into 
 between the ``<!-- bench:start -->`` / ``<!-- bench:end -->`` markers. An invalid run (a
 stack did not start, entries missing, a takeover short) exits 2 and writes no figure.
 
-Modes: full (default: 10k, 100k and 1M entries; ~45 min on 2 cores), ``--quick`` (10k and
+Modes: full (default: 10k, 100k and 1M entries; ~20 min on 2 cores), ``--quick`` (10k and
 100k; ~10 min), ``--tiny`` (2000 entries, every figure once; what the CI smoke test runs,
 ~2 min).
 """
