@@ -1276,10 +1276,8 @@ def _run_length(payload: bytes, off: int, end: int, size: int) -> int:
     """How many records of ``size`` bytes from ``off`` have the type byte and the protocol
     of the first (positions past a record of another size are never reached: the first
     differing type byte or protocol ends the run before them)."""
-    heads = payload[off : min(end, off + RUN_MAX * size) : size]
-    k = len(heads) - len(heads.lstrip(heads[:1]))
-    protos = payload[off + 1 : off + 1 + k * size : size]
-    return min(k, len(protos) - len(protos.lstrip(protos[:1])))
+    k = _prefix(payload[off : min(end, off + RUN_MAX * size) : size], payload[off])
+    return min(k, _prefix(payload[off + 1 : off + 1 + k * size : size], payload[off + 1]))
 
 
 _R_NEW: Final = wire.RecordType.UPSERT_NEW
